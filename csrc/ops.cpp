@@ -1,0 +1,53 @@
+// The op schemas of the `spvit` library and the Python bindings of the native kernels.
+//
+// Every op is declared once here. Its per-device kernels are registered from Python
+// (spvit_kernels/ops/_library.py) so that one validation routine per op serves every backend; the C++
+// and CUDA kernels below are reached through that layer via the bindings at the end of this file.
+#include <torch/extension.h>
+
+#include "spvit.h"
+
+TORCH_LIBRARY(spvit, m) {
+  m.def(
+      "token_scores(Tensor x, Tensor cu_seqlens, int num_packages, int num_heads, Tensor ln_weight, "
+      "Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, "
+      "Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2) -> (Tensor, Tensor)");
+  m.def(
+      "prune_pack(Tensor x, Tensor cu_seqlens, Tensor keep_score, Tensor keep_prob, int num_packages, "
+      "str mode, float threshold=0.0, int? num_keep=None, str package=\"mean\") -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int? max_seqlen=None, "
+      "float? softmax_scale=None) -> Tensor");
+}
+
+namespace {
+
+// What this binary was built with, for `python -m spvit_kernels.info` and the build tests.
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = SPVIT_TORCH_VERSION;
+#ifdef SPVIT_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_archs"] = SPVIT_CUDA_ARCHS;
+#else
+  info["with_cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spvit_kernels native kernels (reached through torch.ops.spvit.* and spvit_kernels.ops)";
+  m.def("build_info", &build_info, "What this extension was compiled with");
+  // --- CPU kernels ---
+  // --- CUDA kernels ---
+#ifdef SPVIT_WITH_CUDA
+#endif
+}

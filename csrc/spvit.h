@@ -1,0 +1,38 @@
+// Declarations of the native kernels compiled into spvit_kernels._C.
+//
+// Argument validation lives in Python (spvit_kernels/ops/_validate.py), shared by every backend; the
+// kernels here only re-check what they need to stay in bounds (TORCH_CHECK), so a direct call with bad
+// input raises instead of reading or writing out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+
+namespace spvit {
+
+// --- token_scores (csrc/cpu/token_scores_cpu.cpp) ---------------------------------------------------
+// Returns (keep_score, keep_prob), float32 of shape (T,).
+std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t num_packages, int64_t num_heads,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w_in, const at::Tensor& b_in,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& se_w1, const at::Tensor& se_b1,
+    const at::Tensor& se_w2, const at::Tensor& se_b2);
+
+// --- prune_pack (csrc/cpu/prune_pack_cpu.cpp, csrc/cuda/prune_pack_cuda.cu) ----------------------------
+// mode: 0 = threshold, 1 = topk. package: 0 = none, 1 = sum, 2 = mean.
+// total_rows: the number of output rows, computed by the caller (Python) from cu_seqlens.
+// Returns (x_out, cu_seqlens_out, src_index).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
+    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows);
+
+#ifdef SPVIT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
+    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows);
+#endif
+
+}  // namespace spvit

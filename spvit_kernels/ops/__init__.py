@@ -1,0 +1,17 @@
+"""The spvit ops: `torch.ops.spvit.*` and their Python front ends with a `backend=` switch.
+
+    token_scores(x, cu_seqlens, num_packages, num_heads, <14 selector weights>) -> (keep_score, keep_prob)
+    prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, ...) -> (x_out, cu_seqlens_out, src_index)
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None) -> out
+
+`available_backends(name)` lists the backends usable in this process.
+"""
+
+from ._registry import available_backends
+from ._validate import unchecked_seqlens
+from .prune_pack import prune_pack
+from .token_scores import token_scores
+from .varlen_attention import varlen_attention
+from . import _backends  # noqa: F401,E402  (registers the fast backends)
+
+__all__ = ["available_backends", "prune_pack", "token_scores", "unchecked_seqlens", "varlen_attention"]

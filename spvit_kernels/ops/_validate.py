@@ -1,0 +1,224 @@
+"""Argument checks for the spvit ops: one routine per op, shared by every backend.
+
+Each check raises a ValueError (bad value or shape) or TypeError (bad dtype / type) whose message starts
+with the argument's name. The checks never synchronise with the GPU except `read_seqlens` on a CUDA
+`cu_seqlens` (one small device-to-host copy), which is skipped where a synchronisation is not allowed:
+under CUDA graph capture, while torch.compile traces, inside `unchecked_seqlens()` (used by the
+accelerated models, whose cu_seqlens come from the ops themselves), and in the raw `torch.ops.spvit.*`
+entry points. Where it is skipped, the kernels still clamp every segment to [0, T], so bad values can
+give wrong numbers but never an out-of-bounds access.
+"""
+
+import contextlib
+import math
+import threading
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (32, 64, 80, 96, 128)
+PRUNE_MODES = ("threshold", "topk")
+PACKAGE_MODES = ("none", "sum", "mean")
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def unchecked_seqlens():
+    """Within this block, cu_seqlens on a GPU are trusted: their values are not copied to the host."""
+    prev = getattr(_state, "unchecked", False)
+    _state.unchecked = True
+    try:
+        yield
+    finally:
+        _state.unchecked = prev
+
+
+def _is_fake(t):
+    """Fake (torch.compile tracing) and meta tensors have no values to read."""
+    return t.device.type == "meta" or is_fake(t)
+
+
+def values_readable(t, allow_sync):
+    """Whether the values of the small index tensor `t` may be read on the host now."""
+    if _is_fake(t):
+        return False
+    if t.device.type == "cpu":
+        return True
+    if not allow_sync or getattr(_state, "unchecked", False):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(t, name, *, ndim=None, dtypes=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the tokens, got {t.device}")
+
+
+def check_int(v, name, *, minimum=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def check_seqlens_meta(cu_seqlens, device):
+    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,), device=device)
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have B+1 >= 2 entries, got {cu_seqlens.shape[0]}")
+
+
+def read_seqlens(cu_seqlens, total, *, min_len=0, allow_sync=True, min_len_name="num_packages"):
+    """Check cu_seqlens' values and return the per-image lengths (a list), or None if not readable now.
+
+    cu_seqlens[0] must be 0, the sequence non-decreasing, cu_seqlens[-1] == total, and every image at
+    least `min_len` rows long.
+    """
+    if not values_readable(cu_seqlens, allow_sync):
+        return None
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the number of rows T = {total}, got {bounds[-1]}")
+    for i, n in enumerate(lengths):
+        if n < min_len:
+            raise ValueError(
+                f"{min_len_name}: image {i} has {n} rows, fewer than the {min_len} it needs "
+                f"(cls + {min_len - 1} package rows)")
+    return lengths
+
+
+# --- token_scores ---------------------------------------------------------------------------------
+
+TOKEN_SCORES_WEIGHTS = ("ln_weight", "ln_bias", "w_in", "b_in", "w1", "b1", "w2", "b2", "w3", "b3",
+                        "se_w1", "se_b1", "se_w2", "se_b2")
+
+
+def token_scores_weight_shapes(num_heads, head_dim):
+    H, d = num_heads, head_dim
+    return {
+        "ln_weight": (d,), "ln_bias": (d,), "w_in": (d, d), "b_in": (d,),
+        "w1": (d // 2, d), "b1": (d // 2,), "w2": (d // 4, d // 2), "b2": (d // 4,),
+        "w3": (2, d // 4), "b3": (2,),
+        "se_w1": (H // 2, H), "se_b1": (H // 2,), "se_w2": (H, H // 2), "se_b2": (H,),
+    }
+
+
+def token_scores(x, cu_seqlens, num_packages, num_heads, weights, *, allow_float64=False, allow_sync=True):
+    """Check token_scores' arguments; `weights` maps the names of TOKEN_SCORES_WEIGHTS to tensors.
+
+    Returns the per-image lengths, or None where they cannot be read without a synchronisation.
+    """
+    dtypes = TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_tensor(x, "x", ndim=2, dtypes=dtypes)
+    check_seqlens_meta(cu_seqlens, x.device)
+    check_int(num_packages, "num_packages", minimum=0)
+    check_int(num_heads, "num_heads", minimum=2)
+    T, C = x.shape
+    if C % num_heads != 0:
+        raise ValueError(f"num_heads = {num_heads} must divide the channels C = {C} of x")
+    d = C // num_heads
+    if d % 4 != 0:
+        raise ValueError(f"num_heads: the head dim C / num_heads = {d} must be a multiple of 4")
+    if x.stride(1) != 1:
+        raise ValueError("x must have contiguous rows (x.stride(1) == 1)")
+    for name, shape in token_scores_weight_shapes(num_heads, d).items():
+        w = weights[name]
+        check_tensor(w, name, dtypes=(torch.float32, x.dtype), device=x.device)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for C = {C}, num_heads = {num_heads}; "
+                             f"got {tuple(w.shape)}")
+    return read_seqlens(cu_seqlens, T, min_len=1 + num_packages, allow_sync=allow_sync)
+
+
+# --- prune_pack -----------------------------------------------------------------------------------
+
+def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, *,
+               allow_float64=False, allow_sync=True):
+    """Check prune_pack's arguments.
+
+    Returns `total_rows`: the number of output rows where it is known without looking at the scores
+    (top-k mode), else None (threshold mode: the backend counts the kept rows).
+    """
+    dtypes = TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_tensor(x, "x", ndim=2, dtypes=dtypes)
+    if x.stride(1) != 1:
+        raise ValueError("x must have contiguous rows (x.stride(1) == 1)")
+    check_seqlens_meta(cu_seqlens, x.device)
+    T = x.shape[0]
+    for name, t in (("keep_score", keep_score), ("keep_prob", keep_prob)):
+        check_tensor(t, name, ndim=1, dtypes=(torch.float32,), device=x.device)
+        if t.shape[0] != T:
+            raise ValueError(f"{name} must have shape (T,) = ({T},) like x's rows, got {tuple(t.shape)}")
+    check_int(num_packages, "num_packages", minimum=0)
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
+    if package not in PACKAGE_MODES:
+        raise ValueError(f"package must be one of {PACKAGE_MODES}, got {package!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if mode == "topk":
+        if num_keep is None:
+            raise ValueError("num_keep is required when mode='topk'")
+        check_int(num_keep, "num_keep", minimum=0)
+    elif num_keep is not None:
+        check_int(num_keep, "num_keep", minimum=0)
+    lengths = read_seqlens(cu_seqlens, T, min_len=1 + num_packages, allow_sync=allow_sync)
+    if mode != "topk":
+        return None
+    B = cu_seqlens.shape[0] - 1
+    extra = 1 + num_packages + (package != "none")
+    if lengths is None:
+        # No synchronisation allowed: every image is assumed to have >= num_keep candidates (true for the
+        # SPViT models, whose images all have the same length in top-k mode).
+        return B * (extra + num_keep)
+    return sum(extra + min(num_keep, n - 1 - num_packages) for n in lengths)
+
+
+# --- varlen_attention -----------------------------------------------------------------------------
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, allow_float64=False, allow_sync=True):
+    """Check varlen_attention's arguments. Returns (lengths or None, max_seqlen or None, softmax_scale)."""
+    dtypes = TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_tensor(q, "q", ndim=3, dtypes=dtypes)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(t, name, ndim=3, dtypes=(q.dtype,), device=q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension ({name}.stride(2) == 1)")
+    T, H, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q: head dim {d} is not supported; expected one of {HEAD_DIMS}")
+    check_seqlens_meta(cu_seqlens, q.device)
+    if max_seqlen is not None:
+        check_int(max_seqlen, "max_seqlen", minimum=0)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    lengths = read_seqlens(cu_seqlens, T, allow_sync=allow_sync)
+    if lengths is not None:
+        longest = max(lengths, default=0)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest image ({longest} rows)")
+        max_seqlen = longest
+    return lengths, max_seqlen, float(softmax_scale)

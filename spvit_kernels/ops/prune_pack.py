@@ -1,0 +1,69 @@
+"""torch.ops.spvit.prune_pack: keep decision, gather of kept rows and package-token pooling."""
+
+import torch
+
+from .. import reference
+from . import _library, _registry, _validate
+
+OP = "prune_pack"
+_ANY_DEVICE = lambda: {"cpu", "cuda"}  # noqa: E731
+
+_registry.register_backend(OP, "reference", _ANY_DEVICE)(reference.prune_pack_reference)
+
+
+def _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+           package="mean", *, allow_sync, allow_float64=False):
+    total_rows = _validate.prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
+                                      num_keep, package, allow_sync=allow_sync, allow_float64=allow_float64)
+    return (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, float(threshold), num_keep, package,
+            total_rows)
+
+
+def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+               package="mean", *, backend=None):
+    """Drop the weak spatial tokens of every image and pool them into a new package token.
+
+    Image b's rows (cu_seqlens[b] .. cu_seqlens[b+1]-1) are [cls, n_b spatial candidates, num_packages
+    package rows]. Only the candidates can be dropped.
+
+    Args:
+        x: (T, C) tokens, float32 / float16 / bfloat16, rows contiguous.
+        cu_seqlens: (B+1,) int32 on x's device.
+        keep_score: (T,) float32, e.g. from token_scores (only candidate rows are read).
+        keep_prob: (T,) float32 pooling weights of dropped rows.
+        num_packages: package rows at the end of every image.
+        mode: "threshold" (keep iff keep_score > threshold; NaN never kept) or "topk" (keep the
+            min(num_keep, n_b) best; ties to the lower index, NaN ranks lowest).
+        threshold: the threshold of mode="threshold".
+        num_keep: candidates kept per image in mode="topk" (>= 0).
+        package: "mean" (keep_prob-weighted average of the dropped rows; zero if none or zero weight),
+            "sum" (keep_prob-weighted sum), "none" (no new package row). Accumulated in float32.
+        backend: None (fastest for the device), "reference", "cpu", "cuda".
+
+    Returns:
+        x_out: (T_out, C) in x's dtype; image b's rows are [cls, kept candidates in original order,
+            old package rows, new package row (unless package="none")].
+        cu_seqlens_out: (B+1,) int32.
+        src_index: (T_out,) int64, the row of x each output row copies; -1 for new package rows.
+
+    Synchronisation: threshold mode copies the output size to the host once. Top-k mode needs none:
+    on a GPU with unread cu_seqlens (CUDA graph capture, torch.compile, the raw torch.ops entry point) it
+    assumes every image has at least num_keep candidates, as in every SPViT model.
+    """
+    args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package)
+    return _library.call(OP, args, backend, _check)
+
+
+_library.register_dispatch(OP, _check)
+
+
+@torch.library.register_fake("spvit::prune_pack")
+def _prune_pack_fake(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+                     package="mean"):
+    B = cu_seqlens.shape[0] - 1
+    if mode == "topk":
+        rows = B * (1 + num_packages + (package != "none") + num_keep)
+    else:
+        rows = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((rows, x.shape[1])), cu_seqlens.new_empty((B + 1,)),
+            x.new_empty((rows,), dtype=torch.int64))

@@ -1,0 +1,26 @@
+"""Test configuration shared by every test module.
+
+Without a GPU, Triton kernels are tested on CPU tensors under TRITON_INTERPRET=1. Triton reads that
+variable when a kernel is decorated, so it is set here, before any spvit_kernels module is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
