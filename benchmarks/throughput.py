@@ -1,0 +1,195 @@
+"""End-to-end throughput: dense timm DeiT vs the reference SPViT model vs the accelerated one.
+
+For each model width (DeiT-T/S/B) and pruning mode:
+  dense        the timm VisionTransformer alone (same weights, no selectors)
+  reference    the SPViT model in the official masked form (full token tensor, masked attention)
+  accelerated  the same model after spvit_kernels.accelerate(): pruned ragged execution on the fused ops
+Pruning modes: top-k at the default cumulative keep ratios (0.617, 0.369, 0.137), and threshold mode with
+per-stage thresholds calibrated on a separate batch so that the mean keep matches those ratios.
+
+Reported: images/s (batch / median time of several timed runs after warm-up), peak memory (GPU), tokens
+per image after each stage, and speedups. Before timing, the accelerated model is checked against the
+reference (top-1 agreement and logits within tolerance).
+
+Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure SPEC section 7 names); on a
+CPU, float32, batch 4, a few runs, so that it finishes in a few minutes.
+
+    python benchmarks/throughput.py [--device cuda|cpu] [--batch N] [--dtype bfloat16|float16|float32]
+                                    [--models tiny,small,base] [--modes topk,threshold] [--runs N]
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+from spvit_kernels import accelerate  # noqa: E402
+from spvit_kernels.models import calibrate_thresholds, create_model  # noqa: E402
+
+MODELS = {"tiny": "spvit_deit_tiny", "small": "spvit_deit_small", "base": "spvit_deit_base"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 4 on a CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 GPU, float32 CPU")
+    p.add_argument("--models", default="tiny,small,base")
+    p.add_argument("--modes", default="topk,threshold")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per provider (default 20 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5 GPU, 1 CPU)")
+    p.add_argument("--name", default="throughput", help="results file stem under benchmarks/results/")
+    args = p.parse_args(argv)
+    gpu = torch.device(args.device).type == "cuda"
+    args.batch = args.batch or (256 if gpu else 4)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.runs = args.runs or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    return args
+
+
+def time_runs(fn, device, runs, warmup):
+    """Median seconds of fn() over `runs` timed runs (CUDA events on a GPU) after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+
+
+def check_agreement(logits_ref, logits_acc, dtype):
+    """Top-1 agreement and the largest logit difference, relative to the logits' scale."""
+    top1 = (logits_ref.argmax(-1) == logits_acc.argmax(-1)).float().mean().item()
+    scale = logits_ref.float().abs().max().item() or 1.0
+    err = (logits_ref.float() - logits_acc.float()).abs().max().item() / scale
+    limit = 1e-4 if dtype == torch.float32 else 5e-2
+    return top1, err, limit
+
+
+def build(name, mode, device, dtype, calib_images):
+    model = create_model(name, pruning=mode).to(device=device, dtype=dtype).eval()
+    if mode == "threshold":
+        with torch.inference_mode():
+            calibrate_thresholds(model, calib_images)  # per-stage thresholds: mean keep = the keep ratios
+    return model
+
+
+def bench_model(short, mode, args, device, dtype, bar):
+    name = MODELS[short]
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+    calib = torch.randn(min(args.batch, 64), 3, 224, 224, device=device, dtype=dtype)
+    torch.manual_seed(0)
+    reference = build(name, mode, device, dtype, calib)
+    accelerated = accelerate(copy.deepcopy(reference))
+    dense = reference.vit  # the same timm ViT, without selectors
+    rows = []
+    with torch.inference_mode():
+        logits_ref, info_ref = reference(images, return_info=True)
+        logits_acc, info_acc = accelerated(images, return_info=True)
+        top1, err, limit = check_agreement(logits_ref, logits_acc, dtype)
+        if top1 < 0.95 or (dtype == torch.float32 and err > limit):
+            raise SystemExit(f"{name} {mode}: accelerated disagrees with the reference (top-1 agreement {top1:.3f}, "
+                             f"max logit error {err:.2e} of scale) - not timing it")
+        tokens = [round(float(t), 1) for t in info_acc["num_tokens"].float().mean(dim=1)]
+        providers = {"dense": lambda: dense(images), "reference": lambda: reference(images),
+                     "accelerated": lambda: accelerated(images)}
+        for provider, fn in providers.items():
+            seconds = time_runs(fn, device, args.runs, args.warmup)
+            rows.append({
+                "model": name, "mode": mode, "provider": provider, "batch": args.batch,
+                "dtype": str(dtype).replace("torch.", ""), "images_per_s": round(args.batch / seconds, 1),
+                "ms_per_batch": round(seconds * 1e3, 2), "peak_mem_MiB": peak_memory_mib(fn, device),
+                "tokens_per_stage": "/".join(str(t) for t in tokens) if provider == "accelerated" else "",
+                "top1_agreement": round(top1, 4) if provider == "accelerated" else "",
+                "max_rel_logit_err": f"{err:.2e}" if provider == "accelerated" else "",
+            })
+            bar.update(1)
+    by = {r["provider"]: r["images_per_s"] for r in rows}
+    for r in rows:
+        r["speedup_vs_dense"] = round(r["images_per_s"] / by["dense"], 2)
+        r["speedup_vs_reference"] = round(r["images_per_s"] / by["reference"], 2)
+    return rows
+
+
+def print_table(rows):
+    cols = ["model", "mode", "provider", "images_per_s", "ms_per_batch", "peak_mem_MiB", "speedup_vs_dense",
+            "speedup_vs_reference", "tokens_per_stage"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"--models: unknown model {m!r}; expected some of {sorted(MODELS)}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional
+        tqdm = None
+    total = len(models) * len(modes) * 3
+    bar = tqdm(total=total, desc="providers timed") if tqdm else _NoBar()
+    print(f"device {common.device_label(device)}, {args.dtype}, batch {args.batch}, {args.runs} timed runs "
+          f"after {args.warmup} warm-up")
+    rows = []
+    for short in models:
+        for mode in modes:
+            rows += bench_model(short, mode, args, device, dtype, bar)
+    bar.close()
+    print_table(rows)
+    meta = {"batch": args.batch, "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup}
+    common.write_csv(args.name, device, rows, meta)
+    plot_rows = [dict(r, label=f"{r['model'].replace('spvit_deit_', 'DeiT-')} {r['mode']}") for r in rows]
+    common.plot_bars(args.name, device, plot_rows, x="label", y="images_per_s", group="provider",
+                     ylabel="images / s", title=f"SPViT end to end, {args.dtype}, batch {args.batch}")
+    return rows
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+if __name__ == "__main__":
+    main()

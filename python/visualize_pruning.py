@@ -1,0 +1,114 @@
+"""Draw which patches an SPViT model keeps after each pruning stage (like Figure 10 of the SPViT paper).
+
+    python python/visualize_pruning.py [--image PATH] [--model spvit_deit_small] [--checkpoint CKPT]
+                                       [--pruning topk|threshold] [--out pruning.png]
+
+Without --image it uses the sample photo that matplotlib ships (grace_hopper.jpg). Without --checkpoint
+the model has random weights: the picture is still drawn, and its title says that the kept patches then
+mean nothing. A checkpoint is a state_dict of the SPViT model (keys "vit.*" and "selectors.*") saved with
+torch.save, optionally under a "model" or "state_dict" key.
+
+The kept patches come from `model(images, return_info=True)` of the accelerated model, i.e. the tokens
+that really flow through the later blocks.
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from spvit_kernels import accelerate
+from spvit_kernels.models import create_model, list_models
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation used by DeiT
+STD = (0.229, 0.224, 0.225)
+
+
+def sample_image_path():
+    import matplotlib.cbook
+
+    return matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+
+
+def load_image(path, size):
+    """RGB image resized (shorter side) and centre-cropped to size x size, as a float array in [0, 1]."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+
+
+def load_checkpoint(model, path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    model.load_state_dict(state)
+
+
+def kept_patches(model, pixels):
+    """Per stage, the kept patch indices of the one image in `pixels` (H, W, 3 in [0, 1])."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1)
+    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    with torch.inference_mode():
+        _, info = model(x[None], return_info=True)
+    return [stage[0].tolist() for stage in info["kept_indices"]], info["selector_layers"]
+
+
+def draw(pixels, kept, layers, patch, out, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = pixels.shape[0] // patch
+    total = grid * grid
+    fig, axes = plt.subplots(1, len(kept) + 1, figsize=(3.2 * (len(kept) + 1), 3.6))
+    axes[0].imshow(pixels)
+    axes[0].set_title("input")
+    for stage, (ax, ids, layer) in enumerate(zip(axes[1:], kept, layers), start=1):
+        mask = np.zeros(total, dtype=bool)
+        mask[ids] = True
+        mask = np.kron(mask.reshape(grid, grid), np.ones((patch, patch), dtype=bool))
+        shown = pixels * mask[..., None] + (1 - mask[..., None]) * 0.92  # dropped patches fade to light grey
+        ax.imshow(shown)
+        ax.set_title(f"stage {stage} (before block {layer}): {len(ids)}/{total} kept", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", default=None, help="image path (default: matplotlib's sample photo)")
+    p.add_argument("--model", default="spvit_deit_small", choices=list_models())
+    p.add_argument("--checkpoint", default=None, help="state_dict of the SPViT model (torch.save)")
+    p.add_argument("--pruning", default="topk", choices=("topk", "threshold"))
+    p.add_argument("--out", default="pruning.png")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = create_model(args.model, pruning=args.pruning)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+        title = f"{args.model} ({args.pruning}), weights from {os.path.basename(args.checkpoint)}"
+    else:
+        title = (f"{args.model} ({args.pruning}) with RANDOM weights: the kept patches show the mechanism, "
+                 "not what a trained model keeps")
+    model = accelerate(model.eval())
+    image = args.image or sample_image_path()
+    pixels = load_image(image, 224)
+    kept, layers = kept_patches(model, pixels)
+    draw(pixels, kept, layers, 16, args.out, title)
+    print(f"wrote {args.out} ({os.path.basename(image)}; kept per stage: {[len(k) for k in kept]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`accelerate(model)`: switch a reference SPViT model to pruned ragged execution on the fused ops.
+
+The reference model keeps the full (B, 1 + P, C) token tensor and masks attention, so pruning saves
+nothing. The accelerated model runs the same modules with the same weights, but from the first selector
+on the tokens live packed as (T, C) rows with `cu_seqlens` (image b owns rows cu_seqlens[b] ..
+cu_seqlens[b+1]-1, laid out [cls, kept patches in patch order, package tokens]):
+
+    blocks before the first selector   plain timm blocks on (B, 1 + P, C) (SDPA)
+    selector s                         torch.ops.spvit.token_scores on the packed rows
+                                       torch.ops.spvit.prune_pack: decision + gather + package token
+    every later block                  LayerNorm / Linear / MLP on the packed rows (no padding),
+                                       torch.ops.spvit.varlen_attention on strided views of qkv
+    head                               the final cls rows (gathered at cu_seqlens[:-1]) -> norm -> head
+
+Synchronisation: top-k pruning needs none (every image keeps the same number of patches, so all sizes are
+known on the host): the forward can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
+Threshold pruning copies one count to the host per stage (the number of kept rows sizes the output).
+"""
+
+import torch
+
+from ..models import SPViT
+from .packed_block import packed_block
+
+__all__ = ["AcceleratedSPViT", "accelerate"]
+
+
+class AcceleratedSPViT(SPViT):
+    """An SPViT model whose forward runs on the pruned ragged batch. Same modules and state_dict as SPViT;
+    `accelerate(model)` turns an SPViT into one in place. Same outputs, including `return_info`."""
+
+    def forward(self, images, return_info=False):
+        """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True
+        (info as in SPViT.forward)."""
+        if self.training:
+            raise RuntimeError("accelerated SPViT models are inference-only: call model.eval() first")
+        cfg = self.config
+        x = self.forward_stem(images)
+        B, N0, C = x.shape
+        P = N0 - 1
+        stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
+        cu = patch_id = None
+        stage_rows = []  # for return_info: (cu_seqlens, patch id of every row) after each stage
+        for i, block in enumerate(self.vit.blocks):
+            if i in stage_at:
+                if cu is None:  # first selector: pack the dense batch (all images have N0 rows)
+                    x = x.reshape(B * N0, C)
+                    cu = torch.arange(B + 1, device=x.device, dtype=torch.int32) * N0
+                    max_len, n_pkg = N0, 0
+                    if return_info:
+                        patch_id = torch.arange(-1, P, device=x.device).repeat(B)  # -1 = cls
+                x, cu, src = self._prune_stage_packed(stage_at[i], x, cu, n_pkg, P)
+                pooled = cfg.package != "none"
+                n_pkg += pooled
+                # An upper bound on the longest image, known without a synchronisation.
+                if cfg.pruning == "topk":
+                    max_len = 1 + self.num_keep(stage_at[i], P) + n_pkg
+                else:
+                    max_len = max_len + pooled
+                if return_info:
+                    # -2 marks the new package rows (src -1) and old package rows
+                    patch_id = torch.where(src >= 0, patch_id[src.clamp(min=0)], torch.full_like(src, -2))
+                    stage_rows.append((cu, patch_id))
+            x = block(x) if cu is None else packed_block(block, x, cu, max_len)
+        cls = x[:, 0] if cu is None else x[cu[:-1].long()]
+        logits = self.forward_head_from_cls(cls)
+        if not return_info:
+            return logits
+        return logits, self._packed_info(stage_rows, B)
+
+    def _prune_stage_packed(self, stage, x, cu, n_pkg, P):
+        """Score and prune one stage on packed rows. Returns (x_out, cu_seqlens_out, src_index)."""
+        cfg = self.config
+        keep_score, keep_prob = torch.ops.spvit.token_scores(
+            x, cu, n_pkg, self.num_heads, *self.selectors[stage].op_weights())
+        num_keep = self.num_keep(stage, P) if cfg.pruning == "topk" else None
+        return torch.ops.spvit.prune_pack(x, cu, keep_score, keep_prob, n_pkg, cfg.pruning, cfg.threshold,
+                                          num_keep, cfg.package)
+
+    def _packed_info(self, stage_rows, B):
+        kept, counts = [], []
+        for cu, patch_id in stage_rows:
+            bounds = cu.tolist()
+            ids = patch_id.cpu()
+            per_image = [ids[a:b][ids[a:b] >= 0] for a, b in zip(bounds[:-1], bounds[1:])]
+            kept.append(per_image)
+            counts.append(torch.tensor([len(t) for t in per_image], dtype=torch.int64))
+        num_kept = torch.stack(counts) if counts else torch.zeros(0, B, dtype=torch.int64)
+        packages = torch.tensor([self.config.num_packages_after(s) for s in range(len(stage_rows))],
+                                dtype=torch.int64)
+        return {"kept_indices": kept, "num_kept": num_kept, "num_tokens": 1 + num_kept + packages[:, None],
+                "selector_layers": self.config.selector_layers}
+
+
+def accelerate(model):
+    """Switch `model` (an SPViT from spvit_kernels.models.create_model / from_timm) in place to pruned
+    ragged execution on the fused ops, and return it. Parameters, buffers and state_dict are unchanged;
+    only the forward changes. Works on CPU (C++ backends) and CUDA (Triton / CUDA C++), in float32,
+    float16 and bfloat16 and under torch.autocast."""
+    if not isinstance(model, SPViT):
+        raise TypeError(f"model must be an SPViT model from spvit_kernels.models, got {type(model).__name__}")
+    for i, block in enumerate(model.vit.blocks):
+        attn = block.attn
+        if attn.head_dim not in (32, 64, 80, 96, 128):
+            raise ValueError(f"model: block {i} has head dim {attn.head_dim}; varlen_attention supports "
+                             "32, 64, 80, 96, 128")
+    model.__class__ = AcceleratedSPViT
+    return model
