@@ -47,7 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spvit_kernels native kernels (reached through torch.ops.spvit.* and spvit_kernels.ops)";
   m.def("build_info", &build_info, "What this extension was compiled with");
   // --- CPU kernels ---
+  m.def("prune_pack_cpu", &spvit::prune_pack_cpu, "prune_pack on CPU (csrc/cpu/prune_pack_cpu.cpp)");
+  m.def("token_scores_cpu", &spvit::token_scores_cpu, "token_scores on CPU (csrc/cpu/token_scores_cpu.cpp)");
   // --- CUDA kernels ---
 #ifdef SPVIT_WITH_CUDA
+  m.def("prune_pack_cuda", &spvit::prune_pack_cuda, "prune_pack on CUDA (csrc/cuda/prune_pack_cuda.cu)");
 #endif
 }
