@@ -1,6 +1,12 @@
-"""spvit_kernels: fused kernels that make token-pruned (SPViT) Vision Transformers run on fewer tokens."""
+"""spvit_kernels: fused kernels that make token-pruned (SPViT) Vision Transformers run on fewer tokens.
 
-from . import ops
+    spvit_kernels.ops          torch.ops.spvit.* (token_scores, prune_pack, varlen_attention) with backends
+    spvit_kernels.models       reference SPViT models on timm (create_model, from_timm)
+    spvit_kernels.accelerate   switch a reference model in place to pruned ragged execution
+"""
+
+from . import models, ops  # models imports timm
+from .accelerate import accelerate
 from .version import __version__
 
-__all__ = ["__version__", "ops"]
+__all__ = ["__version__", "accelerate", "models", "ops"]

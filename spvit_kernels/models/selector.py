@@ -1,0 +1,100 @@
+"""The SPViT token selector (SPEC section 2, "Selector"): one per pruning location, heads share one MLP."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+def _linear(layer, t):
+    # The selector computes in float32 (float64 for float64 tokens) whatever the model's dtype, like the ops.
+    return F.linear(t, layer.weight.to(t.dtype), layer.bias.to(t.dtype))
+
+
+class TokenSelector(nn.Module):
+    """Scores tokens with the per-head MLP of SPViT plus the SE head-weighting branch.
+
+    With d = dim / num_heads, the parameters are exactly those of SPEC section 2:
+        norm     LayerNorm(d, eps=1e-5)   per-head LayerNorm (affine)
+        proj_in  Linear(d, d)             u = GELU(proj_in(norm(S_h)))
+        mlp1     Linear(d, d/2)           on [u_local (d/2), global mean of u_global (d/2)]
+        mlp2     Linear(d/2, d/4)
+        mlp3     Linear(d/4, 2)           logits; index 0 = keep
+        se1      Linear(H, H//2)          head weights w = sigmoid(se2(GELU(se1(per-head channel means))))
+        se2      Linear(H//2, H)
+    Inference only: the training-time Gumbel / soft masks of the paper are not provided.
+    """
+
+    def __init__(self, dim, num_heads, *, device=None, dtype=None):
+        super().__init__()
+        if num_heads < 2:
+            raise ValueError(f"num_heads must be >= 2 (the SE branch has num_heads // 2 units), got {num_heads}")
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads = {num_heads} must divide dim = {dim}")
+        d = dim // num_heads
+        if d % 4 != 0:
+            raise ValueError(f"num_heads: the head dim dim / num_heads = {d} must be a multiple of 4")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, d
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(d, eps=1e-5, **dd)
+        self.proj_in = nn.Linear(d, d, **dd)
+        self.mlp1 = nn.Linear(d, d // 2, **dd)
+        self.mlp2 = nn.Linear(d // 2, d // 4, **dd)
+        self.mlp3 = nn.Linear(d // 4, 2, **dd)
+        self.se1 = nn.Linear(num_heads, num_heads // 2, **dd)
+        self.se2 = nn.Linear(num_heads // 2, num_heads, **dd)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, num_heads={self.num_heads}"
+
+    def op_weights(self):
+        """The 14 weights in the argument order of `spvit_kernels.ops.token_scores`:
+        (ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2)."""
+        return (self.norm.weight, self.norm.bias, self.proj_in.weight, self.proj_in.bias,
+                self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias,
+                self.mlp3.weight, self.mlp3.bias, self.se1.weight, self.se1.bias, self.se2.weight, self.se2.bias)
+
+    def score_packed(self, x, cu_seqlens, num_packages, backend=None):
+        """Score a packed ragged batch through `spvit_kernels.ops.token_scores`.
+
+        Args:
+            x: (T, C) packed rows, image b = rows cu_seqlens[b] .. cu_seqlens[b+1]-1 laid out as
+               [cls, alive spatial tokens, num_packages package tokens].
+            cu_seqlens: (B+1,) int32.
+            num_packages: package rows at the end of every image.
+            backend: passed to the op (None = fastest for x's device).
+        Returns:
+            (keep_score, keep_prob), float32 of shape (T,); cls and package rows get +inf and 1.
+        """
+        return ops.token_scores(x, cu_seqlens, num_packages, self.num_heads, *self.op_weights(), backend=backend)
+
+    def score_masked(self, S, rows):
+        """Score the rows of a padded batch, the global mean taken over each image's `rows` only.
+
+        Args:
+            S: (B, M, C) every row of each image except cls (spatial rows, then package rows).
+            rows: (B, M) bool, the rows that take part (alive spatial + package tokens); the others are
+                scored too but do not enter the global mean, and their scores are meaningless.
+        Returns:
+            (keep_score, keep_prob), each (B, M), float32 (float64 for float64 S).
+        """
+        cdt = torch.float64 if S.dtype == torch.float64 else torch.float32
+        B, M, C = S.shape
+        H, d = self.num_heads, self.head_dim
+        Sh = S.to(cdt).view(B, M, H, d)
+        # SE branch: per-head channel means -> per-row head weights (B, M, H).
+        w = torch.sigmoid(_linear(self.se2, F.gelu(_linear(self.se1, Sh.mean(dim=-1)))))
+        ln = F.layer_norm(Sh, (d,), self.norm.weight.to(cdt), self.norm.bias.to(cdt), eps=self.norm.eps)
+        u = F.gelu(_linear(self.proj_in, ln))  # (B, M, H, d)
+        # Global half: mean over the image's participating rows. torch.where (not a product) so that a
+        # non-finite value in a masked-out row cannot leak into the mean.
+        part = rows[:, :, None, None]
+        count = part.sum(dim=1, keepdim=True).clamp(min=1).to(cdt)
+        glob = torch.where(part, u[..., d // 2:], 0).sum(dim=1, keepdim=True) / count  # (B, 1, H, d/2)
+        z = torch.cat([u[..., : d // 2], glob.expand(B, M, H, d - d // 2)], dim=-1)
+        logits = _linear(self.mlp3, F.gelu(_linear(self.mlp2, F.gelu(_linear(self.mlp1, z)))))  # (B, M, H, 2)
+        wsum = w.sum(dim=-1, keepdim=True)
+        score = (w.unsqueeze(-1) * F.log_softmax(logits, dim=-1)).sum(dim=2) / wsum
+        prob = (w.unsqueeze(-1) * F.softmax(logits, dim=-1)).sum(dim=2) / wsum
+        return score[..., 0] - score[..., 1], prob[..., 0]

@@ -1,0 +1,71 @@
+"""An independent SPViT forward for the model tests: it really drops tokens, image by image.
+
+It shares nothing with spvit_kernels.models' forward except the modules' weights: no masks, no batched
+decision, no masked block. For each image it keeps the short sequence [cls, kept spatial tokens in order,
+package tokens], scores it with the per-image reference `selector_rows`, decides with the reference
+`keep_mask`, pools the dropped rows into an appended package row, and runs the unchanged timm blocks
+(their own forward) on the shorter sequence. Final: the ViT's own norm + forward_head.
+"""
+
+import torch
+
+from spvit_kernels.reference import selector_rows
+from spvit_kernels.reference.prune_pack import keep_mask
+
+
+def _package_row(S, keep_prob, dropped, package):
+    """Pool rows `dropped` (indices into S (M, C)) with keep_prob weights; returns (C,) or None for 'none'."""
+    if package == "none":
+        return None
+    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
+    total = torch.zeros(S.shape[1], dtype=acc, device=S.device)
+    wsum = torch.zeros((), dtype=acc, device=S.device)
+    for i in dropped.tolist():  # a plain loop: deliberately unlike the model's einsum
+        total = total + keep_prob[i].to(acc) * S[i].to(acc)
+        wsum = wsum + keep_prob[i].to(acc)
+    if package == "mean":
+        total = total / wsum if (len(dropped) > 0 and wsum != 0) else torch.zeros_like(total)
+    return total.to(S.dtype)
+
+
+@torch.no_grad()
+def oracle_forward(model, images):
+    """Returns (logits (B, classes), kept (list over stages of lists over images of sorted LongTensors),
+    scores (list over stages of lists over images of the candidates' keep_score, in candidate order),
+    candidates (same structure: the patch indices that were candidates))."""
+    vit, cfg = model.vit, model.config
+    H = vit.blocks[0].attn.num_heads
+    stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
+    S_count = len(cfg.selector_layers)
+    kept = [[] for _ in range(S_count)]
+    scores = [[] for _ in range(S_count)]
+    cands = [[] for _ in range(S_count)]
+    logits = []
+    for b in range(images.shape[0]):
+        # Stem through the ViT's own modules, one image at a time.
+        seq = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images[b: b + 1]))))[0]
+        P = seq.shape[0] - 1
+        patch_ids = torch.arange(P, device=seq.device)  # original patch number of each spatial row of seq
+        n_pkg = 0
+        for i, block in enumerate(vit.blocks):
+            if i in stage_at:
+                s = stage_at[i]
+                rows = seq[1:]  # [spatial, packages]
+                score, prob = selector_rows(rows, H, *model.selectors[s].op_weights())
+                n_sp = rows.shape[0] - n_pkg
+                num_keep = int(round(cfg.keep_ratios[s] * P))
+                keep = keep_mask(score[:n_sp], cfg.pruning, cfg.threshold, num_keep)
+                scores[s].append(score[:n_sp].clone())
+                cands[s].append(patch_ids.clone())
+                kept_rows = torch.nonzero(keep).flatten()
+                new_pkg = _package_row(rows, prob, torch.nonzero(~keep).flatten(), cfg.package)
+                pieces = [seq[:1], rows[kept_rows], rows[n_sp:]]
+                if new_pkg is not None:
+                    pieces.append(new_pkg[None])
+                    n_pkg += 1
+                seq = torch.cat(pieces)
+                patch_ids = patch_ids[kept_rows]
+                kept[s].append(patch_ids.clone())
+            seq = block(seq[None])[0]
+        logits.append(vit.forward_head(vit.norm(seq[None]))[0])
+    return torch.stack(logits), kept, scores, cands
