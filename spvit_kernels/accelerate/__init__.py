@@ -74,7 +74,7 @@ class AcceleratedSPViT(SPViT):
         keep_score, keep_prob = torch.ops.spvit.token_scores(
             x, cu, n_pkg, self.num_heads, *self.selectors[stage].op_weights())
         num_keep = self.num_keep(stage, P) if cfg.pruning == "topk" else None
-        return torch.ops.spvit.prune_pack(x, cu, keep_score, keep_prob, n_pkg, cfg.pruning, cfg.threshold,
+        return torch.ops.spvit.prune_pack(x, cu, keep_score, keep_prob, n_pkg, cfg.pruning, cfg.threshold_at(stage),
                                           num_keep, cfg.package)
 
     def _packed_info(self, stage_rows, B):

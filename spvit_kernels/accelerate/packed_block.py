@@ -14,9 +14,13 @@ def packed_attention(attn, x, cu_seqlens, max_seqlen):
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).view(T, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.unbind(1)  # (T, H, d) views of the packed qkv, last dim contiguous
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    # q_norm / k_norm / norm are Identity unless configured; older timm releases lack some of them.
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
     out = torch.ops.spvit.varlen_attention(q, k, v, cu_seqlens, max_seqlen, float(attn.scale))
-    out = attn.norm(out.reshape(T, attn.num_heads * attn.head_dim))
+    out = out.reshape(T, attn.num_heads * attn.head_dim)
+    if getattr(attn, "norm", None) is not None:
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
