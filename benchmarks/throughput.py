@@ -12,7 +12,7 @@ per image after each stage, and speedups. Before timing, the accelerated model i
 reference (top-1 agreement and logits within tolerance).
 
 Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure SPEC section 7 names); on a
-CPU, float32, batch 4, a few runs, so that it finishes in a few minutes.
+CPU, float32, batch 4, 5 timed runs, so that it finishes in a few minutes.
 
     python benchmarks/throughput.py [--device cuda|cpu] [--batch N] [--dtype bfloat16|float16|float32]
                                     [--models tiny,small,base] [--modes topk,threshold] [--runs N]
@@ -45,14 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 GPU, float32 CPU")
     p.add_argument("--models", default="tiny,small,base")
     p.add_argument("--modes", default="topk,threshold")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per provider (default 20 GPU, 3 CPU)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per provider (default 20 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5 GPU, 1 CPU)")
     p.add_argument("--name", default="throughput", help="results file stem under benchmarks/results/")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     args.batch = args.batch or (256 if gpu else 4)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.runs = args.runs or (20 if gpu else 3)
+    args.runs = args.runs or (20 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     return args
 
@@ -79,7 +79,7 @@ def time_runs(fn, device, runs, warmup):
 
 def peak_memory_mib(fn, device):
     if device.type != "cuda":
-        return None
+        return "n/a"  # only measured on a GPU
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
