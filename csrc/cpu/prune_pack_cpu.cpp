@@ -25,36 +25,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/segment.h"
 #include "../spvit.h"
 
 namespace spvit {
 namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-// Image b's rows, clamped to [0, T].
-struct Segment {
-  int64_t start;      // cls row (if n_cls)
-  int64_t n_cls;      // 1, or 0 for an empty segment
-  int64_t first;      // first candidate row
-  int64_t n_cand;     // candidates
-  int64_t pkg_start;  // first old package row
-  int64_t n_old;      // old package rows (num_packages for valid input)
-};
-
-Segment segment(const int32_t* cu, int64_t b, int64_t T, int64_t P) {
-  const int64_t s = std::clamp<int64_t>(cu[b], 0, T);
-  const int64_t e = std::max(s, std::clamp<int64_t>(cu[b + 1], 0, T));
-  const int64_t len = e - s;
-  Segment g;
-  g.start = s;
-  g.n_cls = len > 0 ? 1 : 0;
-  g.first = s + g.n_cls;
-  g.n_cand = std::max<int64_t>(len - 1 - P, 0);
-  g.pkg_start = g.first + g.n_cand;
-  g.n_old = e - g.pkg_start;
-  return g;
-}
 
 // The keep flags of one image's candidates (scores s[0..n)).
 void decide(const float* s, int64_t n, bool topk, float thr, int64_t num_keep, std::vector<uint8_t>& keep,

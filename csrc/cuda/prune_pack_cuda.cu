@@ -32,6 +32,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/segment.h"
 #include "../spvit.h"
 
 namespace spvit {
@@ -54,31 +55,6 @@ __host__ __device__ __forceinline__ uint32_t order_key(uint32_t u) {
 
 __device__ __forceinline__ uint32_t score_key(const float* score, int64_t row) {
   return order_key(__float_as_uint(__ldg(score + row)));
-}
-
-// Image b's rows, clamped to [0, T] so bad cu_seqlens stay in bounds.
-struct Segment {
-  int64_t start;      // cls row (if n_cls)
-  int64_t n_cls;      // 1, or 0 for an empty segment
-  int64_t first;      // first candidate row
-  int64_t n_cand;     // candidates
-  int64_t pkg_start;  // first old package row
-  int64_t n_old;      // old package rows (num_packages for valid input)
-};
-
-__device__ __forceinline__ Segment segment(const int* cu, int64_t b, int64_t T, int64_t P) {
-  int64_t s = min(max(static_cast<int64_t>(cu[b]), int64_t(0)), T);
-  int64_t e = min(max(static_cast<int64_t>(cu[b + 1]), int64_t(0)), T);
-  e = max(e, s);
-  const int64_t len = e - s;
-  Segment g;
-  g.start = s;
-  g.n_cls = len > 0 ? 1 : 0;
-  g.first = s + g.n_cls;
-  g.n_cand = max(len - 1 - P, int64_t(0));
-  g.pkg_start = g.first + g.n_cand;
-  g.n_old = e - g.pkg_start;
-  return g;
 }
 
 // Output rows of one image.
