@@ -230,3 +230,16 @@ def test_gpu_compile_fullgraph_topk():
         out = compiled(images)
         expect = acc(images)
     assert _rel_err(out, expect) < 6e-2
+
+
+def test_calibrate_edge_targets():
+    """Keep ratios of 1 (keep every candidate) and tiny ones (keep none) give thresholds that do so."""
+    torch.manual_seed(0)
+    model = create_model("spvit_deit_tiny", num_classes=NUM_CLASSES, pruning="threshold")
+    images = _images(1, seed=6)
+    calibrate_thresholds(model, images, keep_ratios=(1.0, 0.002, 0.001))
+    with torch.inference_mode():
+        _, info = model(images, return_info=True)
+    assert info["num_kept"][:, 0].tolist() == [196, 0, 0]
+    with pytest.raises(ValueError, match="keep_ratios"):
+        calibrate_thresholds(model, images, keep_ratios=(0.5, 0.6, 0.1))

@@ -20,8 +20,10 @@ def _threshold_for(scores, target):
     """A threshold t such that exactly `target` of the finite `scores` (1-D) are > t, placed halfway between
     neighbouring scores so that rounding noise does not move the count. target in [0, len(scores)]."""
     ranked = torch.sort(scores.double(), descending=True).values
+    if len(ranked) == 0:  # no candidate left (an earlier stage kept nothing): any threshold will do
+        return 0.0
     if target <= 0:
-        return float(ranked[0]) + 1.0 if len(ranked) else 0.0
+        return float(ranked[0]) + 1.0
     if target >= len(ranked):
         return float(ranked[-1]) - 1.0
     return float((ranked[target - 1] + ranked[target]) / 2)
