@@ -46,7 +46,8 @@ def masked_block_forward(block, x, bias):
     h = block.norm1(x)
     qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if getattr(attn, "q_norm", None) is not None:  # Identity unless qk_norm; absent in older timm
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if bias.dtype != q.dtype:  # under autocast q may be half while the tokens are float32
         bias = bias.to(q.dtype)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
