@@ -13,7 +13,8 @@ package rows copied), keep_score of the candidates, keep_prob of the dropped one
 src_index and cu_seqlens_out. GB/s is compared with the device copy bandwidth measured in the same run.
 
     python benchmarks/bench_prune_pack.py [--device cpu|cuda] [--quick] [--batch B] [--dtype bfloat16] [--threads N]
-Writes benchmarks/results/prune_pack-<device>.csv and .png.
+                                         [--name STEM]
+Writes benchmarks/results/<STEM, default prune_pack>-<device>.csv and .png.
 """
 
 import argparse
@@ -87,6 +88,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--name", default="prune_pack", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,10 +138,10 @@ def main():
 
     meta = dict(ceilings)
     meta.update({"mode": "topk", "package": "mean", "quick": str(args.quick)})
-    common.write_csv("prune_pack", device, rows, extra_meta=meta)
+    common.write_csv(args.name, device, rows, extra_meta=meta)
     for r in rows:
         r["shape"] = f"{r['stage']} C{r['C']}"
-    common.plot_bars("prune_pack", device, rows, x="shape", y="GBps", group="provider", ylabel="GB/s",
+    common.plot_bars(args.name, device, rows, x="shape", y="GBps", group="provider", ylabel="GB/s",
                      title=f"prune_pack top-k, B={B} {dtype} (copy ceiling {copy_gbs} GB/s)")
 
 

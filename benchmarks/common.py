@@ -28,6 +28,9 @@ def device_label(device):
     return "cpu-" + (platform.processor() or platform.machine() or "unknown").replace(" ", "-")
 
 
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+
+
 def _git_commit():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -50,6 +53,9 @@ def provenance(device):
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "cpu_threads": str(torch.get_num_threads()),
+        # CPU timings of large outputs depend on the allocator: glibc hands out allocations above its mmap
+        # threshold (at most 32 MiB by default) as fresh pages that fault in on every call.
+        "allocator_env": "; ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ) or "default",
     }
     try:
         import triton
