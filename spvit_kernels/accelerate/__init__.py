@@ -66,7 +66,7 @@ class AcceleratedSPViT(SPViT):
         logits = self.forward_head_from_cls(cls)
         if not return_info:
             return logits
-        return logits, self._packed_info(stage_rows, B)
+        return logits, self._packed_info(stage_rows)
 
     def _prune_stage_packed(self, stage, x, cu, n_pkg, P):
         """Score and prune one stage on packed rows. Returns (x_out, cu_seqlens_out, src_index)."""
@@ -77,19 +77,13 @@ class AcceleratedSPViT(SPViT):
         return torch.ops.spvit.prune_pack(x, cu, keep_score, keep_prob, n_pkg, cfg.pruning, cfg.threshold_at(stage),
                                           num_keep, cfg.package)
 
-    def _packed_info(self, stage_rows, B):
-        kept, counts = [], []
+    def _packed_info(self, stage_rows):
+        kept = []
         for cu, patch_id in stage_rows:
             bounds = cu.tolist()
             ids = patch_id.cpu()
-            per_image = [ids[a:b][ids[a:b] >= 0] for a, b in zip(bounds[:-1], bounds[1:])]
-            kept.append(per_image)
-            counts.append(torch.tensor([len(t) for t in per_image], dtype=torch.int64))
-        num_kept = torch.stack(counts) if counts else torch.zeros(0, B, dtype=torch.int64)
-        packages = torch.tensor([self.config.num_packages_after(s) for s in range(len(stage_rows))],
-                                dtype=torch.int64)
-        return {"kept_indices": kept, "num_kept": num_kept, "num_tokens": 1 + num_kept + packages[:, None],
-                "selector_layers": self.config.selector_layers}
+            kept.append([ids[a:b][ids[a:b] >= 0] for a, b in zip(bounds[:-1], bounds[1:])])
+        return self._info_dict(kept)
 
 
 def accelerate(model):

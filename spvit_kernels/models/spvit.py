@@ -144,7 +144,11 @@ class SPViT(nn.Module):
 
     def _info(self, masks):
         kept = [[torch.nonzero(m).flatten().cpu() for m in mask] for mask in masks]
-        num_kept = torch.stack([mask.sum(dim=1) for mask in masks]).to(torch.int64).cpu()
-        packages = torch.tensor([self.config.num_packages_after(s) for s in range(len(masks))], dtype=torch.int64)
+        return self._info_dict(kept)
+
+    def _info_dict(self, kept):
+        """The return_info dict from kept (list (S) of lists (B) of int64 CPU tensors of patch indices)."""
+        num_kept = torch.tensor([[len(t) for t in stage] for stage in kept], dtype=torch.int64)
+        packages = torch.tensor([self.config.num_packages_after(s) for s in range(len(kept))], dtype=torch.int64)
         return {"kept_indices": kept, "num_kept": num_kept, "num_tokens": 1 + num_kept + packages[:, None],
                 "selector_layers": self.config.selector_layers}
