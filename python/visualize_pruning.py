@@ -1,12 +1,15 @@
 """Draw which patches an SPViT model keeps after each pruning stage (like Figure 10 of the SPViT paper).
 
     python python/visualize_pruning.py [--image PATH] [--model spvit_deit_small] [--checkpoint CKPT]
-                                       [--pruning topk|threshold] [--out pruning.png]
+                                       [--pruning topk|threshold] [--threshold T] [--out pruning.png]
 
 Without --image it uses the sample photo that matplotlib ships (grace_hopper.jpg). Without --checkpoint
 the model has random weights: the picture is still drawn, and its title says that the kept patches then
 mean nothing. A checkpoint is a state_dict of the SPViT model (keys "vit.*" and "selectors.*") saved with
 torch.save, optionally under a "model" or "state_dict" key.
+
+Threshold mode uses --threshold for every stage if given; otherwise it calibrates per-stage thresholds on the
+image itself (`calibrate_thresholds`) so that each stage keeps about its keep ratio, and the title says so.
 
 The kept patches come from `model(images, return_info=True)` of the accelerated model, i.e. the tokens
 that really flow through the later blocks.
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from spvit_kernels import accelerate
-from spvit_kernels.models import create_model, list_models
+from spvit_kernels.models import calibrate_thresholds, create_model, list_models
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation used by DeiT
 STD = (0.229, 0.224, 0.225)
@@ -50,12 +53,16 @@ def load_checkpoint(model, path):
     model.load_state_dict(state)
 
 
+def to_batch(pixels):
+    """(H, W, 3) in [0, 1] -> the normalised (1, 3, H, W) batch the model takes."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1)
+    return ((x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])[None]
+
+
 def kept_patches(model, pixels):
     """Per stage, the kept patch indices of the one image in `pixels` (H, W, 3 in [0, 1])."""
-    x = torch.from_numpy(pixels).permute(2, 0, 1)
-    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
     with torch.inference_mode():
-        _, info = model(x[None], return_info=True)
+        _, info = model(to_batch(pixels), return_info=True)
     return [stage[0].tolist() for stage in info["kept_indices"]], info["selector_layers"]
 
 
@@ -91,11 +98,14 @@ def main(argv=None):
     p.add_argument("--model", default="spvit_deit_small", choices=list_models())
     p.add_argument("--checkpoint", default=None, help="state_dict of the SPViT model (torch.save)")
     p.add_argument("--pruning", default="topk", choices=("topk", "threshold"))
+    p.add_argument("--threshold", type=float, default=None,
+                   help="threshold mode: keep_score threshold of every stage (default: calibrated on the image)")
     p.add_argument("--out", default="pruning.png")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model = create_model(args.model, pruning=args.pruning)
+    cfg = {"threshold": args.threshold} if args.threshold is not None else {}
+    model = create_model(args.model, pruning=args.pruning, **cfg)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
         title = f"{args.model} ({args.pruning}), weights from {os.path.basename(args.checkpoint)}"
@@ -105,9 +115,15 @@ def main(argv=None):
     model = accelerate(model.eval())
     image = args.image or sample_image_path()
     pixels = load_image(image, 224)
+    if args.pruning == "threshold" and args.threshold is None:
+        with torch.inference_mode():
+            thresholds = calibrate_thresholds(model, to_batch(pixels))
+        title += "\nthresholds calibrated on this image to the keep ratios: " + \
+            ", ".join(f"{t:.3g}" for t in thresholds)
     kept, layers = kept_patches(model, pixels)
     draw(pixels, kept, layers, 16, args.out, title)
     print(f"wrote {args.out} ({os.path.basename(image)}; kept per stage: {[len(k) for k in kept]})")
+    return kept
 
 
 if __name__ == "__main__":
