@@ -51,21 +51,19 @@ def calibrate_thresholds(model, images, keep_ratios=None):
         raise ValueError(f"images must be a (B, in_chans, H, W) tensor, got "
                          f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
     cfg = model.config
-    ratios = cfg.keep_ratios if keep_ratios is None else tuple(keep_ratios)
-    if len(ratios) != cfg.num_stages:
-        raise ValueError(f"keep_ratios must have one ratio per selector: {len(ratios)} for {cfg.num_stages}")
-    # Validate the ratios with the model's other settings before touching it.
-    make_config(len(model.vit.blocks), pruning=cfg.pruning, keep_ratios=ratios,
-                selector_layers=cfg.selector_layers, package=cfg.package)
+    # The target counts are top-k's under these ratios; make_config validates them (one per selector,
+    # decreasing, in (0, 1]) before the model is touched.
+    target = make_config(len(model.vit.blocks), pruning="topk", selector_layers=cfg.selector_layers,
+                         keep_ratios=cfg.keep_ratios if keep_ratios is None else keep_ratios)
     thresholds = [cfg.threshold_at(s) for s in range(cfg.num_stages)]
     # Calibration needs the threshold decision at the earlier stages whatever the model's mode.
     model.config = dataclasses.replace(cfg, pruning="threshold", threshold=tuple(thresholds))
     try:
         for s in range(cfg.num_stages):
-            keep_score, candidates = SPViT.stage_scores(model, images, s)
+            keep_score, candidates = model.stage_scores(images, s)
             B, P = keep_score.shape
             scores = keep_score[candidates & ~torch.isnan(keep_score)]  # NaN is never kept anyway
-            thresholds[s] = _threshold_for(scores.cpu(), int(round(ratios[s] * P)) * B)
+            thresholds[s] = _threshold_for(scores.cpu(), target.num_keep(s, P) * B)
             model.config = dataclasses.replace(model.config, threshold=tuple(thresholds))
     except BaseException:
         model.config = cfg

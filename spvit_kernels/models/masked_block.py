@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from .timm_block import attention_output, block_forward, qk_norm
+
 
 def check_block(block, index):
     """Raise ValueError unless `block` is a timm `Block` with a timm `Attention` whose forwards are timm's,
@@ -41,25 +43,14 @@ def masked_block_forward(block, x, bias):
         (B, N, C): the block's output; for the rows in the mask's `keys` it equals the block run on
         those rows alone.
     """
-    attn = block.attn
-    B, N, _ = x.shape
-    h = block.norm1(x)
+    return block_forward(block, x, lambda attn, h: _masked_attention(attn, h, bias))
+
+
+def _masked_attention(attn, h, bias):
+    B, N, _ = h.shape
     qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-    if getattr(attn, "q_norm", None) is not None:  # Identity unless qk_norm; absent in older timm
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = qk_norm(attn, *qkv[:2].unbind(0))  # (B, heads, N, head_dim)
     if bias.dtype != q.dtype:  # under autocast q may be half while the tokens are float32
         bias = bias.to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
-    o = o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    # Optional parts of newer timm Attention (scale_norm, gating); absent or identity in DeiT.
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        o = norm(o)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        o = o * gate(h).sigmoid()
-    o = attn.proj_drop(attn.proj(o))
-    # drop_path is the identity in eval mode; ls1 / ls2 are LayerScale or Identity.
-    x = x + block.drop_path1(block.ls1(o))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    o = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=bias, scale=attn.scale)
+    return attention_output(attn, o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim), h)

@@ -1,0 +1,32 @@
+"""The parts of a timm ViT `Block` that every execution form shares (masked reference, packed ragged).
+
+Only how attention mixes rows differs between the forms; the pre-norm residual structure, the optional
+q/k norms and the attention output path (optional norm and gate, proj) are written once here, so the two
+forms cannot drift apart. Optional parts are Identity in DeiT and absent in older timm releases.
+"""
+
+
+def qk_norm(attn, q, k):
+    """timm Attention's q_norm / k_norm (Identity unless qk_norm; absent in older timm)."""
+    if getattr(attn, "q_norm", None) is None:
+        return q, k
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+def attention_output(attn, o, h):
+    """o (..., H * d), the heads' outputs concatenated; h, the attention's input (for the optional gate)
+    -> optional norm, optional sigmoid gate, proj."""
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        o = norm(o)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        o = o * gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def block_forward(block, x, attention):
+    """timm `Block` (pre-norm, layer scale, drop path; eval mode) with `attention(attn, h)` standing in for
+    block.attn(h). Rows other than attention's are treated independently, so x may be (B, N, C) or (T, C)."""
+    x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
