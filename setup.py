@@ -1,7 +1,11 @@
 """Build spvit_kernels and its native extension ``spvit_kernels._C``.
 
 What gets compiled:
-  * always: the op schemas and bindings (csrc/*.cpp) and the C++ CPU kernels (csrc/cpu/*.cpp);
+  * always: the op schemas and bindings (csrc/*.cpp), the C++ CPU kernels (csrc/cpu/*.cpp) and the CUDA
+    kernels of csrc/cuda/*.cu compiled by the host compiler against the SIMT execution layer
+    (csrc/simt/*.cpp, csrc/simt/simt.h): they run on CPU tensors as the `cuda_simt` backends, which is how
+    tests execute the CUDA C++ code on machines without a GPU. The binary keeps its symbol table: the layer
+    reads it to find (and poison) the kernels' static __shared__ variables;
   * the CUDA kernels (csrc/cuda/*.cu) whenever a CUDA toolkit (nvcc) is found and the installed torch is a
     CUDA build. A visible GPU is *not* required: CI compiles the CUDA sources on machines without one.
 
@@ -102,7 +106,8 @@ def _extensions():
     debug = os.environ.get("SPVIT_DEBUG", "0") == "1"
     host_flags = ["-O0", "-g"] if debug else ["-O3"]
     host_flags += ["-fopenmp"]  # the C++ standard is the one torch's BuildExtension picks for its headers
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")) +
+                     glob.glob(os.path.join("csrc", "simt", "*.cpp")))
     macros = [("SPVIT_TORCH_VERSION", f'"{torch.__version__}"')]
     build_cuda = _want_cuda()
     if not build_cuda:

@@ -49,6 +49,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // --- CPU kernels ---
   m.def("prune_pack_cpu", &spvit::prune_pack_cpu, "prune_pack on CPU (csrc/cpu/prune_pack_cpu.cpp)");
   m.def("token_scores_cpu", &spvit::token_scores_cpu, "token_scores on CPU (csrc/cpu/token_scores_cpu.cpp)");
+  // --- CUDA kernels executed on the CPU by the SIMT layer (csrc/simt/simt.h) ---
+  m.def("prune_pack_cuda_simt", &spvit::prune_pack_cuda_simt,
+        "prune_pack's CUDA kernels run on CPU tensors (csrc/simt/prune_pack_simt.cpp)");
+  m.def("simt_set_schedule", &spvit::simt_set_schedule, "Thread schedule seed of the following SIMT launches");
+  m.def("simt_schedule", &spvit::simt_schedule, "Thread schedule seed of the SIMT launches");
   // --- CUDA kernels ---
 #ifdef SPVIT_WITH_CUDA
   m.def("prune_pack_cuda", &spvit::prune_pack_cuda, "prune_pack on CUDA (csrc/cuda/prune_pack_cuda.cu)");

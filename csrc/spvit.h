@@ -21,13 +21,23 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
     const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& se_w1, const at::Tensor& se_b1,
     const at::Tensor& se_w2, const at::Tensor& se_b2);
 
-// --- prune_pack (csrc/cpu/prune_pack_cpu.cpp, csrc/cuda/prune_pack_cuda.cu) ----------------------------
+// --- prune_pack (csrc/cpu/prune_pack_cpu.cpp, csrc/cuda/prune_pack_cuda.cu, csrc/simt/prune_pack_simt.cpp) ----------------------------
 // mode: 0 = threshold, 1 = topk. package: 0 = none, 1 = sum, 2 = mean.
 // total_rows: the number of output rows, computed by the caller (Python) from cu_seqlens.
 // Returns (x_out, cu_seqlens_out, src_index).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
     int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows);
+
+// The same CUDA kernels and launcher executed on CPU tensors by the SIMT layer (csrc/simt/).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda_simt(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
+    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows);
+
+// Thread schedule seed of the following SIMT launches (csrc/simt/simt.h: 0 in order, 1 reversed, 2 one warp
+// ahead, 3 random; seed % 4 picks the kind, the seed draws the order).
+void simt_set_schedule(int64_t seed);
+int64_t simt_schedule();
 
 #ifdef SPVIT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(

@@ -24,9 +24,7 @@
 // element offsets are int64 (T * C can pass 2^31).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include "device_compat.h"
 
 #include <cstdint>
 #include <cstring>
@@ -447,9 +445,9 @@ template <typename scalar_t>
 void launch_main(const Params& prm, bool vec16, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(prm.B));
   if (vec16) {
-    prune_pack_kernel<scalar_t, 16 / sizeof(scalar_t)><<<grid, kThreads, 0, stream>>>(prm);
+    SPVIT_LAUNCH(grid, kThreads, 0, stream, prune_pack_kernel<scalar_t, 16 / sizeof(scalar_t)>)(prm);
   } else {
-    prune_pack_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(prm);
+    SPVIT_LAUNCH(grid, kThreads, 0, stream, prune_pack_kernel<scalar_t, 1>)(prm);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -462,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
     int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows) {
   // The Python layer validated everything; these checks keep a direct call in bounds.
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor, got shape ", x.sizes());
+  TORCH_CHECK(on_kernel_device(x) && x.dim() == 2, "x must be a 2-D CUDA tensor, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have contiguous rows (x.stride(1) == 1)");
@@ -483,8 +481,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   TORCH_CHECK(mode == 0 || num_keep >= 0, "num_keep must be >= 0 in topk mode, got ", num_keep);
   TORCH_CHECK(total_rows >= -1, "total_rows must be >= 0, or -1 to compute it, got ", total_rows);
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
   const at::Tensor cu = cu_seqlens.contiguous();
   const at::Tensor score = keep_score.contiguous();
   const at::Tensor prob = keep_prob.contiguous();
@@ -503,14 +501,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
     at::Tensor kept;
     if (!topk) {
       kept = at::empty({B}, cu.options().dtype(at::kLong));
-      count_kept_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+      SPVIT_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, count_kept_kernel)(
           cu.data_ptr<int>(), score.data_ptr<float>(), T, num_packages, thr_key, kept.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     offsets = at::empty({B + 1}, cu.options().dtype(at::kLong));
-    offsets_kernel<<<1, kThreads, 0, stream>>>(cu.data_ptr<int>(), topk ? nullptr : kept.data_ptr<int64_t>(), B, T,
-                                               num_packages, num_keep, new_pkg, total_rows,
-                                               offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
+    SPVIT_LAUNCH(1, kThreads, 0, stream, offsets_kernel)(
+        cu.data_ptr<int>(), topk ? nullptr : kept.data_ptr<int64_t>(), B, T, num_packages, num_keep, new_pkg,
+        total_rows, offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total_rows < 0) {
       // Threshold mode (or top-k without a size): the op's one synchronisation, to size the output.
