@@ -7,7 +7,8 @@
 // Model
 //   * A launch runs the blocks of the grid one after another, on the calling CPU thread. Launches are
 //     serialised by one mutex (static shared memory is one copy per kernel, see below).
-//   * Every CUDA thread of a block is a fiber (ucontext) with its own stack. A fiber runs until it reaches
+//   * Every CUDA thread of a block is a fiber with its own stack (a hand-written context switch on x86-64,
+//     ucontext elsewhere or with -DSPVIT_SIMT_UCONTEXT). A fiber runs until it reaches
 //     a barrier or returns; the scheduler then runs the next one. So between two barriers the threads of
 //     a block run one after another, in an order drawn from the schedule seed (set_schedule):
 //         seed % 4 == 0  in order (thread 0 first)      seed % 4 == 1  reversed
@@ -74,6 +75,41 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+// Context switch: on x86-64 a hand-written one that saves the callee-saved registers and the stack pointer
+// (ucontext's swapcontext also saves the signal mask, a system call per switch: about 6x slower).
+#if defined(__x86_64__) && !defined(SPVIT_SIMT_UCONTEXT)
+#define SPVIT_SIMT_FAST_SWITCH 1
+// spvit_simt_switch(save, next): pushes rbp, rbx, r12-r15, stores rsp in *save, continues at stack `next`.
+// A weak, hidden COMDAT symbol, so every translation unit that includes this header may define it.
+asm(R"(
+  .pushsection .text.spvit_simt_switch,"axG",@progbits,spvit_simt_switch,comdat
+  .weak spvit_simt_switch
+  .hidden spvit_simt_switch
+  .type spvit_simt_switch,@function
+spvit_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size spvit_simt_switch, .-spvit_simt_switch
+  .popsection
+)");
+extern "C" void spvit_simt_switch(void** save, void* next);
+#else
+#define SPVIT_SIMT_FAST_SWITCH 0
+#endif
+
 // --- CUDA vocabulary ----------------------------------------------------------------------------------
 
 struct uint3 {
@@ -108,7 +144,11 @@ namespace detail {
 enum class State { kReady, kAtBlock, kAtWarp, kDone };
 
 struct Fiber {
+#if SPVIT_SIMT_FAST_SWITCH
+  void* sp = nullptr;  // saved stack pointer (the callee-saved registers sit on the fiber's stack)
+#else
   ucontext_t ctx;
+#endif
   uint3 idx;
   int linear = 0;
   State state = State::kReady;
@@ -133,7 +173,11 @@ struct LaunchState {
   uint3 block_idx{0, 0, 0};
   std::vector<Fiber> fibers;
   std::vector<WarpSlots> warps;
+#if SPVIT_SIMT_FAST_SWITCH
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched_ctx;
+#endif
   Fiber* current = nullptr;
   const void* body = nullptr;  // the kernel call of this launch (type-erased)
   void (*invoke)(const void*) = nullptr;
@@ -183,7 +227,11 @@ inline void enter_fiber(Fiber* f) {
 #ifdef SPVIT_SIMT_ASAN
   __sanitizer_start_switch_fiber(&s.sched_fake_stack, f->stack, kStackBytes);
 #endif
+#if SPVIT_SIMT_FAST_SWITCH
+  spvit_simt_switch(&s.sched_sp, f->sp);
+#else
   swapcontext(&s.sched_ctx, &f->ctx);
+#endif
 #ifdef SPVIT_SIMT_ASAN
   __sanitizer_finish_switch_fiber(s.sched_fake_stack, nullptr, nullptr);
 #endif
@@ -198,7 +246,11 @@ inline void leave_fiber(bool exiting) {
 #else
   (void)exiting;
 #endif
+#if SPVIT_SIMT_FAST_SWITCH
+  spvit_simt_switch(&f->sp, s.sched_sp);
+#else
   swapcontext(&f->ctx, &s.sched_ctx);
+#endif
 #ifdef SPVIT_SIMT_ASAN
   __sanitizer_finish_switch_fiber(f->fake_stack, &s.sched_stack_bottom, &s.sched_stack_size);
 #endif
@@ -356,11 +408,21 @@ inline void run_block(std::mt19937_64& rng, uint64_t seed) {
   for (Fiber& f : s.fibers) {
     f.state = State::kReady;
     f.warp_gen = 0;
+#if SPVIT_SIMT_FAST_SWITCH
+    // A frame spvit_simt_switch can return into: six zeroed registers, then fiber_main as the return
+    // address, placed so that fiber_main starts with the stack alignment of a called function.
+    void** top = reinterpret_cast<void**>(f.stack + kStackBytes);
+    top[-1] = nullptr;
+    top[-2] = reinterpret_cast<void*>(&fiber_main);
+    for (int r = 3; r <= 8; ++r) top[-r] = nullptr;
+    f.sp = top - 8;
+#else
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
+#endif
   }
   for (WarpSlots& w : s.warps) std::memset(&w, 0xff, sizeof(w));
   std::vector<int> order;

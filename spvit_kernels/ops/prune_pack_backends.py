@@ -1,5 +1,7 @@
-"""The native backends of prune_pack: "cpu" (C++, csrc/cpu/prune_pack_cpu.cpp) and "cuda" (CUDA C++,
-csrc/cuda/prune_pack_cuda.cu). Each registers itself only when this build has its kernel.
+"""The native backends of prune_pack: "cpu" (C++, csrc/cpu/prune_pack_cpu.cpp), "cuda" (CUDA C++,
+csrc/cuda/prune_pack_cuda.cu) and "cuda_simt" (the same CUDA C++ kernels and launcher run on CPU tensors by the
+SIMT layer, csrc/simt/; for tests, never picked by backend=None; see spvit_kernels.ops.simt). Each registers
+itself only when this build has its kernel.
 
 Both receive the validated tuple of spvit_kernels.ops.prune_pack._check:
     (x (T, C), cu_seqlens (B+1,) int32, keep_score (T,) f32, keep_prob (T,) f32, num_packages, mode,
@@ -20,6 +22,7 @@ PACKAGE_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 _cpu_kernel = native("prune_pack_cpu")
 _cuda_kernel = native("prune_pack_cuda")
+_simt_kernel = native("prune_pack_cuda_simt")
 
 
 def _native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package,
@@ -46,4 +49,14 @@ if _cuda_kernel is not None:
                         package="mean", total_rows=None):
         """CUDA C++ kernel on the current stream (see spvit_kernels.ops.prune_pack for the shapes)."""
         return _cuda_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
+                                          num_keep, package, total_rows))
+
+
+if _simt_kernel is not None:
+
+    @_registry.register_backend(OP, "cuda_simt", lambda: {"cpu"})
+    def prune_pack_cuda_simt(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+                             package="mean", total_rows=None):
+        """The CUDA kernels executed on CPU tensors, under the schedule of spvit_kernels.ops.simt (slow)."""
+        return _simt_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
                                           num_keep, package, total_rows))
