@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _simt_schedule(request):
+    """Tests (or parameters) marked simt_schedule(seed) run the cuda_simt backends under that schedule."""
+    marker = request.node.get_closest_marker("simt_schedule")
+    if marker is None:
+        yield
+        return
+    from spvit_kernels.ops import simt_schedule
+
+    with simt_schedule(marker.args[0]):
+        yield
