@@ -110,7 +110,8 @@ int run(const std::string& name) {
     spvit_simt::launcher("reverse_kernel<true>", 1, kN, 0, nullptr, reverse_kernel<true>)(in.data(), out.data());
   } else if (name == "reverse_no_barrier") {
     spvit_simt::launcher("reverse_kernel<false>", 1, kN, 0, nullptr, reverse_kernel<false>)(in.data(), out.data());
-  } else if (name == "warp_sum" || name == "warp_sum_wrong_lane") {
+  }
+  if (name.rfind("reverse", 0) == 0) out.resize(kN); else if (name == "warp_sum" || name == "warp_sum_wrong_lane") {
     std::vector<int> vals(2 * 32);
     for (int i = 0; i < 64; ++i) vals[i] = i * i;
     if (name == "warp_sum") {
