@@ -54,6 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "prune_pack's CUDA kernels run on CPU tensors (csrc/simt/prune_pack_simt.cpp)");
   m.def("simt_set_schedule", &spvit::simt_set_schedule, "Thread schedule seed of the following SIMT launches");
   m.def("simt_schedule", &spvit::simt_schedule, "Thread schedule seed of the SIMT launches");
+  m.def("simt_static_shared_bytes", &spvit::simt_static_shared_bytes,
+        "Static __shared__ bytes the SIMT layer found (and poisons) per launched kernel");
   // --- CUDA kernels ---
 #ifdef SPVIT_WITH_CUDA
   m.def("prune_pack_cuda", &spvit::prune_pack_cuda, "prune_pack on CUDA (csrc/cuda/prune_pack_cuda.cu)");

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <string>
 #include <tuple>
 
@@ -38,6 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda_simt(
 // ahead, 3 random; seed % 4 picks the kind, the seed draws the order).
 void simt_set_schedule(int64_t seed);
 int64_t simt_schedule();
+// Bytes of static __shared__ memory the SIMT layer found (and poisons before every block) per launched kernel.
+std::map<std::string, int64_t> simt_static_shared_bytes();
 
 #ifdef SPVIT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(

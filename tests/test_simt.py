@@ -195,3 +195,21 @@ def test_schedule_context_restores_and_checks_the_seed():
         with pytest.raises(ValueError, match="seed"):
             with ops.simt_schedule(bad):
                 pass
+
+
+def test_prune_pack_shared_memory_is_found_for_poisoning():
+    """The layer finds every static __shared__ array of prune_pack's kernels, templates included, in the
+    extension's symbol table (keys alone are 4,096 x 4 bytes), so all of it is poisoned before each block."""
+    from spvit_kernels._ext import native
+
+    from .test_prune_pack import make_batch
+
+    if native("simt_static_shared_bytes") is None:
+        pytest.skip("this build has no SIMT backend")
+    batch = make_batch([30, 0, 5], 1, 8, torch.float16)
+    ops.prune_pack(*batch, 1, "threshold", backend="cuda_simt")
+    ops.prune_pack(*batch, 1, "topk", num_keep=3, backend="cuda_simt")
+    found = native("simt_static_shared_bytes")()
+    main = [v for k, v in found.items() if k.startswith("prune_pack_kernel<")]
+    assert main and main[0] >= 4096 * 4 + 512 * 4 + 512 * 4, found
+    assert found.get("count_kept_kernel", 0) >= 16 * 8 and found.get("offsets_kernel", 0) >= 17 * 8, found

@@ -205,6 +205,12 @@ inline uint64_t& schedule_seed() {
   return seed;
 }
 
+// Bytes of static __shared__ memory found for every kernel launched so far (by launch name).
+inline std::map<std::string, int64_t>& static_shared_log() {
+  static std::map<std::string, int64_t> log;
+  return log;
+}
+
 }  // namespace detail
 
 // The schedule of the following launches (see the top of this file).
@@ -215,6 +221,11 @@ inline void set_schedule(uint64_t seed) {
 inline uint64_t schedule() {
   std::lock_guard<std::mutex> lock(detail::launch_mutex());
   return detail::schedule_seed();
+}
+// Static __shared__ bytes the layer found (and poisons) per launched kernel, for tests of the layer itself.
+inline std::map<std::string, int64_t> static_shared_bytes() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  return detail::static_shared_log();
 }
 
 namespace detail {
@@ -471,6 +482,7 @@ inline void run(const char* kernel_name, const void* kernel, dim3 grid, dim3 blo
   const std::vector<Region>& statics = static_shared(kernel, kernel_name);
   size_t static_bytes = 0;
   for (const Region& r : statics) static_bytes += r.size;
+  static_shared_log()[kernel_name] = static_cast<int64_t>(static_bytes);
   if (static_bytes > kMaxStaticShared)
     fail(std::to_string(static_bytes) + " bytes of static __shared__ memory (CUDA allows 48 KiB)");
 

@@ -11,4 +11,6 @@ void simt_set_schedule(int64_t seed) {
 
 int64_t simt_schedule() { return static_cast<int64_t>(spvit_simt::schedule()); }
 
+std::map<std::string, int64_t> simt_static_shared_bytes() { return spvit_simt::static_shared_bytes(); }
+
 }  // namespace spvit
