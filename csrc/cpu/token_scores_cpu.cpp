@@ -1,8 +1,9 @@
 // token_scores on CPU: the fused SPViT selector (SPEC section 2), two passes per image.
 //
-// Pass 1 (per image and head, over every row of S = all rows but the num_prefix prefix rows): LayerNorm of the head's d channels,
-//   u = GELU(W_in xn + b_in); the global half u[d/2:] is summed in row order and its mean g enters the first
-//   score layer as a per-(image, head) bias: W1 [local, g] + b1 = W1[:, :d/2] local + (W1[:, d/2:] g + b1).
+// Pass 1 (per image and head, over every row of S = all rows but the num_prefix prefix rows): LayerNorm of
+//   the head's d channels, u = GELU(W_in xn + b_in); the global half u[d/2:] is summed in row order and its
+//   mean g enters the first score layer as a per-(image, head) bias:
+//   W1 [local, g] + b1 = W1[:, :d/2] local + (W1[:, d/2:] g + b1).
 //   The spatial rows' local half u[:d/2] and LayerNorm mean (the SE branch's head mean) are stashed
 //   (n_spatial x C/2 floats per image, in cache when pass 2 runs), so the tokens are read once.
 // Pass 2 (per block of spatial rows, all heads): two GELU layers from the stash, the keep-minus-drop logit

@@ -57,8 +57,8 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
     Synchronisation: threshold mode copies the output size to the host once. Top-k mode needs none:
     on a GPU with unread cu_seqlens (CUDA graph capture, torch.compile, the raw torch.ops entry point) it
     assumes every image has at least num_keep candidates, as in every SPViT model. If one has fewer, the
-    output still has B * (num_prefix + num_keep + package rows) rows: the rows after cu_seqlens_out[-1], which no image
-    owns, are zero rows with src_index -1.
+    output still has B * (num_prefix + num_keep + package rows) rows: the rows after cu_seqlens_out[-1],
+    which no image owns, are zero rows with src_index -1.
     """
     args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, package_merge,
             num_prefix)

@@ -4,10 +4,10 @@ Two launches, no host synchronisation, no atomics:
 
 1. `_head_kernel`, grid (B, H): one program per (image, head). It loops over the image's rows twice with a
    runtime bound read from cu_seqlens (so no max length is needed on the host):
-   - pass 1 (rows of S = every row but the num_prefix prefix rows): LayerNorm of the head's d channels, u_glob = GELU(xn @
-     W_in[d/2:]^T + b_in[d/2:]) on tensor cores, summed over the rows in a fixed order. Its mean g enters the
-     first score layer as a per-(image, head) bias: W1 @ [local, g] + b1 = W1[:, :d/2] @ local + (W1[:, d/2:]
-     @ g + b1), so the concatenation is never built.
+   - pass 1 (rows of S = every row but the num_prefix prefix rows): LayerNorm of the head's d channels,
+     u_glob = GELU(xn @ W_in[d/2:]^T + b_in[d/2:]) on tensor cores, summed over the rows in a fixed order.
+     Its mean g enters the first score layer as a per-(image, head) bias: W1 @ [local, g] + b1 =
+     W1[:, :d/2] @ local + (W1[:, d/2:] @ g + b1), so the concatenation is never built.
    - pass 2 (spatial rows only; the (image, head) slice, ~25 KB for DeiT-S in bf16, was just read, so it
      should come from L2 rather than DRAM): the same LayerNorm, u_loc = GELU(xn @
      W_in[:d/2]^T + b_in[:d/2]), two GELU layers (tensor cores) and the keep-minus-drop logit difference.
