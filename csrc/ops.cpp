@@ -5,16 +5,19 @@
 // and CUDA kernels below are reached through that layer via the bindings at the end of this file.
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "spvit.h"
 
 TORCH_LIBRARY(spvit, m) {
   m.def(
       "token_scores(Tensor x, Tensor cu_seqlens, int num_packages, int num_heads, Tensor ln_weight, "
       "Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, "
-      "Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2) -> (Tensor, Tensor)");
+      "Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2, int num_prefix=1) -> (Tensor, Tensor)");
   m.def(
       "prune_pack(Tensor x, Tensor cu_seqlens, Tensor keep_score, Tensor keep_prob, int num_packages, "
-      "str mode, float threshold=0.0, int? num_keep=None, str package=\"mean\") -> (Tensor, Tensor, Tensor)");
+      "str mode, float threshold=0.0, int? num_keep=None, str package=\"mean\", str package_merge=\"concat\", "
+      "int num_prefix=1) -> (Tensor, Tensor, Tensor)");
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int? max_seqlen=None, "
       "float? softmax_scale=None) -> Tensor");
@@ -46,18 +49,43 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spvit_kernels native kernels (reached through torch.ops.spvit.* and spvit_kernels.ops)";
   m.def("build_info", &build_info, "What this extension was compiled with");
+  // The native entry points take their arguments in the order of csrc/spvit.h; the ones added later
+  // (num_prefix, package_merge) have defaults so that calls written before them keep working.
+  const auto prune_pack_args = [] {
+    return std::make_tuple(py::arg("x"), py::arg("cu_seqlens"), py::arg("keep_score"), py::arg("keep_prob"),
+                           py::arg("num_packages"), py::arg("mode"), py::arg("threshold"), py::arg("num_keep"),
+                           py::arg("package"), py::arg("total_rows"), py::arg("package_merge") = 0,
+                           py::arg("num_prefix") = 1);
+  };
   // --- CPU kernels ---
-  m.def("prune_pack_cpu", &spvit::prune_pack_cpu, "prune_pack on CPU (csrc/cpu/prune_pack_cpu.cpp)");
-  m.def("token_scores_cpu", &spvit::token_scores_cpu, "token_scores on CPU (csrc/cpu/token_scores_cpu.cpp)");
+  std::apply(
+      [&](auto... a) {
+        m.def("prune_pack_cpu", &spvit::prune_pack_cpu, "prune_pack on CPU (csrc/cpu/prune_pack_cpu.cpp)", a...);
+      },
+      prune_pack_args());
+  m.def("token_scores_cpu", &spvit::token_scores_cpu, "token_scores on CPU (csrc/cpu/token_scores_cpu.cpp)",
+        py::arg("x"), py::arg("cu_seqlens"), py::arg("num_packages"), py::arg("num_heads"), py::arg("ln_weight"),
+        py::arg("ln_bias"), py::arg("w_in"), py::arg("b_in"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
+        py::arg("b2"), py::arg("w3"), py::arg("b3"), py::arg("se_w1"), py::arg("se_b1"), py::arg("se_w2"),
+        py::arg("se_b2"), py::arg("num_prefix") = 1);
   // --- CUDA kernels executed on the CPU by the SIMT layer (csrc/simt/simt.h) ---
-  m.def("prune_pack_cuda_simt", &spvit::prune_pack_cuda_simt,
-        "prune_pack's CUDA kernels run on CPU tensors (csrc/simt/prune_pack_simt.cpp)");
+  std::apply(
+      [&](auto... a) {
+        m.def("prune_pack_cuda_simt", &spvit::prune_pack_cuda_simt,
+              "prune_pack's CUDA kernels run on CPU tensors (csrc/simt/prune_pack_simt.cpp)", a...);
+      },
+      prune_pack_args());
   m.def("simt_set_schedule", &spvit::simt_set_schedule, "Thread schedule seed of the following SIMT launches");
   m.def("simt_schedule", &spvit::simt_schedule, "Thread schedule seed of the SIMT launches");
   m.def("simt_static_shared_bytes", &spvit::simt_static_shared_bytes,
         "Static __shared__ bytes the SIMT layer found (and poisons) per launched kernel");
   // --- CUDA kernels ---
 #ifdef SPVIT_WITH_CUDA
-  m.def("prune_pack_cuda", &spvit::prune_pack_cuda, "prune_pack on CUDA (csrc/cuda/prune_pack_cuda.cu)");
+  std::apply(
+      [&](auto... a) {
+        m.def("prune_pack_cuda", &spvit::prune_pack_cuda, "prune_pack on CUDA (csrc/cuda/prune_pack_cuda.cu)",
+              a...);
+      },
+      prune_pack_args());
 #endif
 }

@@ -88,10 +88,11 @@ def _scores(T, pattern, gen):
     return s
 
 
-def make_batch(spatial, num_packages, C, dtype, pattern="mixed", device="cpu", seed=0):
-    """A ragged batch: x (T, C), cu_seqlens, keep_score, keep_prob. Non-candidate rows get NaN scores/weights."""
+def make_batch(spatial, num_packages, C, dtype, pattern="mixed", device="cpu", seed=0, num_prefix=1):
+    """A ragged batch of images [num_prefix prefix rows, spatial, packages]: x (T, C), cu_seqlens, keep_score,
+    keep_prob. Non-candidate rows get NaN scores/weights."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = [1 + n + num_packages for n in spatial]
+    lengths = [num_prefix + n + num_packages for n in spatial]
     cu = make_cu_seqlens(lengths)
     T = int(cu[-1])
     x = torch.randn(T, C, generator=gen).to(dtype)
@@ -99,7 +100,7 @@ def make_batch(spatial, num_packages, C, dtype, pattern="mixed", device="cpu", s
     prob = torch.rand(T, generator=gen)
     candidate = torch.zeros(T, dtype=torch.bool)
     for b, n in enumerate(spatial):
-        start = int(cu[b]) + 1
+        start = int(cu[b]) + num_prefix
         candidate[start:start + n] = True
     score[~candidate] = NAN  # cls and package rows: never read
     prob[~candidate] = NAN
@@ -387,6 +388,221 @@ def test_torch_compile_fullgraph(backend, mode, arg):
     fn = torch.compile(lambda x, cu, s, p: ops.prune_pack(x, cu, s, p, 1, mode, threshold, num_keep, "mean"),
                        backend="aot_eager", fullgraph=True)
     check_against_oracle(fn(*batch), *batch, 1, mode, threshold, num_keep, "mean")
+
+
+# --- prefix rows (num_prefix) and the 1x package mode (package_merge="add"), on every backend -------------
+
+PREFIXES = [0, 1, 2, 5]  # class-free, cls, cls + distillation, cls + 4 registers
+# (package_merge, num_packages, package): "add" takes 0 (its first stage appends) or 1 old package rows.
+MERGES = [("concat", 0, "mean"), ("concat", 2, "none"), ("concat", 2, "sum"), ("add", 0, "mean"),
+          ("add", 1, "mean"), ("add", 1, "sum")]
+MERGE_MODES = [("topk", 1), ("topk", 27), ("topk", 10**6), ("threshold", 0.0)]
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+def oracle_prune_pack(x, cu, score, prob, num_packages, mode, threshold, num_keep, package, package_merge,
+                      num_prefix):
+    """An independent float64 prune_pack, row by row in plain Python (SPEC sections 2 and 4).
+
+    Returns (rows, cu_out, src): rows (T_out, C) float64 where copied rows are x's values and new (or merged)
+    package rows are computed here; cu_out and src as lists."""
+    xd, sc, pr = x.double().cpu(), score.cpu().tolist(), prob.cpu().tolist()
+    thr32 = torch.tensor(threshold, dtype=torch.float32).item()  # the comparison is made in float32
+    bounds = cu.cpu().tolist()
+    rows, src, cu_out = [], [], [0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        first, pkg = s + num_prefix, e - num_packages
+        cand = list(range(first, pkg))
+        if mode == "threshold":
+            keep = {i for i in cand if sc[i] > thr32}  # NaN compares False
+        else:  # higher first, NaN last, ties to the lower index
+            order = sorted(cand, key=lambda i: (1, 0.0, i) if math.isnan(sc[i]) else (0, -sc[i], i))
+            keep = set(order[:num_keep])
+        merge = package_merge == "add" and num_packages > 0
+        image_src = list(range(s, first)) + [i for i in cand if i in keep]
+        if not merge:
+            image_src += list(range(pkg, e))
+        rows += [xd[i] for i in image_src]
+        if package != "none":
+            dropped = [i for i in cand if i not in keep]
+            total, wsum = torch.zeros(x.shape[1], dtype=torch.float64), 0.0
+            for i in dropped:
+                total = total + pr[i] * xd[i]
+                wsum += pr[i]
+            if package == "mean":
+                total = total / wsum if (dropped and wsum != 0) else torch.zeros_like(total)
+            if merge:
+                total = total + xd[pkg]
+            rows.append(total)
+            image_src.append(-1)
+        src += image_src
+        cu_out.append(cu_out[-1] + len(image_src))
+    out = torch.stack(rows) if rows else torch.zeros(0, x.shape[1], dtype=torch.float64)
+    return out, cu_out, src
+
+
+def check_against_independent_oracle(out, x, cu, score, prob, num_packages, mode, threshold, num_keep, package,
+                                     package_merge, num_prefix):
+    x_out, cu_out, src = (t.cpu() for t in out)
+    ref_rows, ref_cu, ref_src = oracle_prune_pack(x, cu, score, prob, num_packages, mode, threshold, num_keep,
+                                                  package, package_merge, num_prefix)
+    assert x_out.dtype == x.dtype and x_out.shape == (len(ref_src), x.shape[1])
+    assert cu_out.dtype == torch.int32 and cu_out.tolist() == ref_cu
+    assert src.dtype == torch.int64 and src.tolist() == ref_src
+    copied = src >= 0
+    assert torch.equal(_bits(x_out[copied]), _bits(x.cpu()[src[copied]])), "copied rows are not bitwise copies"
+    atol, rtol = TOL[x.dtype]
+    torch.testing.assert_close(x_out[~copied].double(), ref_rows[~copied], atol=atol, rtol=rtol)
+    # Package rows per image: one in "add" mode, else the old ones plus the new one.
+    per_image = 1 if package_merge == "add" else num_packages + (package != "none")
+    for b in range(len(ref_cu) - 1):
+        tail = src[ref_cu[b + 1] - per_image:ref_cu[b + 1]]
+        assert (tail < 0).sum() == (package != "none")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("merge,P,package", MERGES, ids=[f"{m}-P{p}-{k}" for m, p, k in MERGES])
+@pytest.mark.parametrize("mode,arg", MERGE_MODES, ids=[f"{m}-{a}" for m, a in MERGE_MODES])
+@pytest.mark.parametrize("num_prefix", PREFIXES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_and_merge_match_independent_oracle(backend, dtype, num_prefix, mode, arg, merge, P, package):
+    _need(backend)
+    batch = make_batch([196, 0, 1, 122, 30], P, 40, dtype, "mixed", DEVICE.get(backend, "cpu"), seed=num_prefix,
+                       num_prefix=num_prefix)
+    threshold, num_keep = (arg, None) if mode == "threshold" else (0.0, arg)
+    _poison_cache(batch[0].device, 4 * batch[0].numel() * batch[0].element_size())
+    out = ops.prune_pack(*batch, P, mode, threshold, num_keep, package, package_merge=merge, num_prefix=num_prefix,
+                         backend=backend)
+    check_against_independent_oracle(out, *batch, P, mode, threshold, num_keep, package, merge, num_prefix)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("C", [7, 64])
+@pytest.mark.parametrize("merge,P,package", [("add", 1, "mean"), ("concat", 1, "sum")])
+def test_prefix_and_merge_one_image(backend, C, merge, P, package):
+    """B = 1, ViT-like sizes (197 = 5 + 192 rows), C without and with 16-byte vectors."""
+    _need(backend)
+    batch = make_batch([192 - P], P, C, torch.bfloat16, "mixed", DEVICE.get(backend, "cpu"), num_prefix=5)
+    for mode, threshold, num_keep in (("topk", 0.0, 121), ("threshold", 0.0, None)):
+        out = ops.prune_pack(*batch, P, mode, threshold, num_keep, package, package_merge=merge, num_prefix=5,
+                             backend=backend)
+        check_against_independent_oracle(out, *batch, P, mode, threshold, num_keep, package, merge, 5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_add_mode_worked_example(backend):
+    """One image [cls, dist, a, b, c, package], keep the best candidate (b): the dropped rows' pooled row is
+    added to the package row, which stays the image's only package row (src_index -1). Exact in float32."""
+    _need(backend)
+    dev = DEVICE.get(backend, "cpu")
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [0.5, -0.5]], device=dev)
+    cu = torch.tensor([0, 6], dtype=torch.int32, device=dev)
+    score = torch.tensor([NAN, NAN, 0.1, 0.9, -0.3, NAN], device=dev)
+    prob = torch.tensor([NAN, NAN, 0.5, 0.25, 1.5, NAN], device=dev)
+    # sum: 0.5 * (10, 20) + 1.5 * (50, 60) = (80, 100); mean: that / 2 = (40, 50); plus (0.5, -0.5).
+    for package, merged in (("sum", [80.5, 99.5]), ("mean", [40.5, 49.5])):
+        x_out, cu_out, src = ops.prune_pack(x, cu, score, prob, 1, "topk", num_keep=1, package=package,
+                                            package_merge="add", num_prefix=2, backend=backend)
+        assert src.tolist() == [0, 1, 3, -1] and cu_out.tolist() == [0, 4]
+        assert x_out.tolist() == [[1.0, 2.0], [3.0, 4.0], [30.0, 40.0], merged]
+    # The first stage (no package row yet) appends the pooled row.
+    x_out, cu_out, src = ops.prune_pack(x[:5], torch.tensor([0, 5], dtype=torch.int32, device=dev), score[:5],
+                                        prob[:5], 0, "topk", num_keep=1, package="mean", package_merge="add",
+                                        num_prefix=2, backend=backend)
+    assert src.tolist() == [0, 1, 3, -1] and x_out[3].tolist() == [40.0, 50.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dispatcher_entry_point_with_prefix_and_merge(backend):
+    """torch.ops.spvit.prune_pack with the new arguments positional (no host read of cu_seqlens)."""
+    _need(backend)
+    batch = make_batch([196, 196, 196], 1, 32, torch.bfloat16, "mixed", DEVICE[backend], num_prefix=2)
+    for mode, threshold, num_keep in (("topk", 0.0, 121), ("threshold", 0.0, None)):
+        a = torch.ops.spvit.prune_pack(*batch, 1, mode, threshold, num_keep, "mean", "add", 2)
+        check_against_independent_oracle(a, *batch, 1, mode, threshold, num_keep, "mean", "add", 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_rejects_bad_prefix_and_merge(backend):
+    fn = _native_for(backend)
+    x, cu, s, p = make_batch([5, 5], 1, 8, torch.float32, device=DEVICE[backend])
+    with pytest.raises(RuntimeError, match="num_prefix"):
+        fn(x, cu, s, p, 1, 1, 0.0, 2, 2, -1, 0, -1)
+    with pytest.raises(RuntimeError, match="package_merge"):
+        fn(x, cu, s, p, 1, 1, 0.0, 2, 2, -1, 2, 1)
+    with pytest.raises(RuntimeError, match="package_merge"):
+        fn(x, cu, s, p, 1, 1, 0.0, 2, 0, -1, 1, 1)  # add without a package
+    with pytest.raises(RuntimeError, match="package_merge"):
+        fn(x, cu, s, p, 2, 1, 0.0, 2, 2, -1, 1, 1)  # add with two old package rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bounds", BAD_SEQLENS, ids=str)
+@pytest.mark.parametrize("merge,num_prefix", [(0, 0), (1, 5), (1, 100)])
+def test_native_unchecked_bad_seqlens_with_prefix_stay_in_bounds(backend, bounds, merge, num_prefix):
+    fn = _native_for(backend)
+    dev = DEVICE[backend]
+    T, P, k = 16, 1, 3
+    x = torch.randn(T, 24, device=dev)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
+    s, p = torch.randn(T, device=dev), torch.rand(T, device=dev)
+    B = len(bounds) - 1
+    for mode, total in ((0, -1), (1, -1), (1, 5), (1, B * (num_prefix + 2 + k))):
+        x_out, cu_out, src = fn(x, cu, s, p, P, mode, 0.0, k, 2, total, merge, num_prefix)
+        rows = x_out.shape[0]
+        assert total < 0 or rows == total
+        assert src.shape == (rows,) and cu_out.shape == (B + 1,)
+        assert int(cu_out.min()) >= 0 and int(cu_out.max()) <= rows
+        assert bool(((src >= -1) & (src < T)).all())
+        assert not torch.isnan(x_out).any()
+
+
+def _bad_prefix_merge_cases():
+    x, cu, s, p = make_batch([5, 5], 1, 8, torch.float32, "distinct")  # two images of 7 rows
+    good = dict(x=x, cu_seqlens=cu, keep_score=s, keep_prob=p, num_packages=1, mode="topk", num_keep=2)
+    return good, [
+        ("num_prefix", ValueError, dict(num_prefix=-1)),
+        ("num_prefix", ValueError, dict(num_prefix=8)),  # larger than an image
+        ("num_prefix", TypeError, dict(num_prefix="2")),
+        ("num_packages", ValueError, dict(num_prefix=7)),  # 7 prefix + 1 package rows > 7
+        ("package_merge", ValueError, dict(package_merge="max")),
+        ("package_merge", ValueError, dict(package_merge="add", package="none")),
+        ("package_merge", ValueError, dict(package_merge="add", num_packages=2)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", range(7))
+def test_bad_prefix_and_merge_raise_with_argument_name(backend, case):
+    _need(backend)
+    good, cases = _bad_prefix_merge_cases()
+    name, exc, change = cases[case]
+    kwargs = {k: (v.to(DEVICE.get(backend, "cpu")) if isinstance(v, torch.Tensor) else v)
+              for k, v in {**good, **change}.items()}
+    with pytest.raises(exc, match=name):
+        ops.prune_pack(**kwargs, backend=backend)
+
+
+def test_opcheck_prefix_and_merge():
+    _need("cpu")
+    x, cu, s, p = make_batch([196, 30, 27], 1, 16, torch.float32, "mixed", num_prefix=2)
+    torch.library.opcheck(torch.ops.spvit.prune_pack.default, (x, cu, s, p, 1, "topk", 0.0, 27, "mean", "add", 2))
+    x, cu, s, p = make_batch([196, 30, 0], 0, 16, torch.float32, "mixed", num_prefix=0)
+    torch.library.opcheck(torch.ops.spvit.prune_pack.default,
+                          (x, cu, s, p, 0, "threshold", 0.0, None, "sum", "concat", 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,arg", [("topk", 50), ("threshold", 0.0)])
+@pytest.mark.parametrize("merge,P,num_prefix", [("add", 1, 2), ("add", 0, 0), ("concat", 2, 5)])
+def test_torch_compile_fullgraph_prefix_and_merge(backend, mode, arg, merge, P, num_prefix):
+    _need(backend)
+    batch = make_batch([196, 196], P, 32, torch.float32, "mixed", DEVICE[backend], num_prefix=num_prefix)
+    threshold, num_keep = (arg, None) if mode == "threshold" else (0.0, arg)
+    fn = torch.compile(lambda x, cu, s, p: ops.prune_pack(x, cu, s, p, P, mode, threshold, num_keep, "mean",
+                                                          package_merge=merge, num_prefix=num_prefix),
+                       backend="aot_eager", fullgraph=True)
+    check_against_independent_oracle(fn(*batch), *batch, P, mode, threshold, num_keep, "mean", merge, num_prefix)
 
 
 # --- GPU only ---------------------------------------------------------------------------------------------

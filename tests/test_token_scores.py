@@ -67,11 +67,11 @@ def make_weights(num_heads, head_dim, dtype=torch.float32, device="cpu", seed=0)
     return out
 
 
-def make_tokens(spatial, num_packages, C, dtype, device="cpu", seed=1, row_stride=None):
-    """x (T, C) of images [cls, spatial, packages] and cu_seqlens; with row_stride, x is a row-slice view of
-    a wider buffer (x.stride(0) == row_stride > C)."""
+def make_tokens(spatial, num_packages, C, dtype, device="cpu", seed=1, row_stride=None, num_prefix=1):
+    """x (T, C) of images [num_prefix prefix rows, spatial, packages] and cu_seqlens; with row_stride, x is a
+    row-slice view of a wider buffer (x.stride(0) == row_stride > C)."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = [1 + n + num_packages for n in spatial]
+    lengths = [num_prefix + n + num_packages for n in spatial]
     T = sum(lengths)
     # Per-channel offsets so that head means (the SE input) differ between heads.
     base = 1.5 * torch.randn(T, C, generator=gen) + torch.randn(1, C, generator=gen)
@@ -86,22 +86,22 @@ def make_tokens(spatial, num_packages, C, dtype, device="cpu", seed=1, row_strid
     return x, make_cu_seqlens(lengths, device)
 
 
-def oracle(x, cu, num_packages, num_heads, weights):
+def oracle(x, cu, num_packages, num_heads, weights, num_prefix=1):
     return ops.token_scores(x.double().cpu(), cu.cpu(), num_packages, num_heads,
-                            *[w.double().cpu() for w in weights], backend="reference")
+                            *[w.double().cpu() for w in weights], num_prefix=num_prefix, backend="reference")
 
 
-def special_rows(cu, num_packages):
-    """Boolean mask (T,) of cls and package rows."""
+def special_rows(cu, num_packages, num_prefix=1):
+    """Boolean mask (T,) of prefix (cls) and package rows."""
     bounds = cu.tolist()
     mask = torch.zeros(bounds[-1], dtype=torch.bool)
     for s, e in zip(bounds[:-1], bounds[1:]):
-        mask[s] = True
+        mask[s:s + num_prefix] = True
         mask[e - num_packages:e] = True
     return mask
 
 
-def check_against_oracle(out, x, cu, num_packages, num_heads, weights, tol, images=None):
+def check_against_oracle(out, x, cu, num_packages, num_heads, weights, tol, images=None, num_prefix=1):
     """Compare (keep_score, keep_prob) with the oracle on every image, or on the listed `images` only (the
     float64 reference runs image by image, slowly; images are independent, so a subset is a fair check).
     Every row is checked for NaN and for the exact +inf / 1 of cls and package rows."""
@@ -109,7 +109,7 @@ def check_against_oracle(out, x, cu, num_packages, num_heads, weights, tol, imag
     assert score.dtype == torch.float32 and prob.dtype == torch.float32
     assert score.shape == (x.shape[0],) and prob.shape == (x.shape[0],)
     assert not score.isnan().any() and not prob.isnan().any()
-    special = special_rows(cu, num_packages)
+    special = special_rows(cu, num_packages, num_prefix)
     assert torch.equal(score[special], torch.full_like(score[special], INF))
     assert torch.equal(prob[special], torch.ones_like(prob[special]))
     if images is not None:
@@ -117,7 +117,7 @@ def check_against_oracle(out, x, cu, num_packages, num_heads, weights, tol, imag
         rows = torch.cat([torch.arange(bounds[b], bounds[b + 1]) for b in images])
         x, score, prob, special = x[rows.to(x.device)], score[rows], prob[rows], special[rows]
         cu = make_cu_seqlens([bounds[b + 1] - bounds[b] for b in images])
-    ref_score, ref_prob = oracle(x, cu, num_packages, num_heads, weights)
+    ref_score, ref_prob = oracle(x, cu, num_packages, num_heads, weights, num_prefix)
     atol, rtol, prob_atol = tol
     torch.testing.assert_close(score[~special], ref_score[~special].float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(prob[~special], ref_prob[~special].float(), atol=prob_atol, rtol=0)
@@ -291,6 +291,107 @@ def test_triton_interpret_257_images():
     w = make_weights(2, 16)
     out = ops.token_scores(x, cu, 1, 2, *w, backend="triton")
     check_against_oracle(out, x, cu, 1, 2, w, TRITON_TOL[torch.float32], images=IMAGES_OF_257)
+
+
+# ---- prefix rows (num_prefix) on every backend --------------------------------------------------------------
+
+# num_prefix 0 (class-free), 1 (cls), 2 (cls + distillation), 5 (cls + 4 registers).
+PREFIXES = [0, 1, 2, 5]
+PREFIX_BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
+                   pytest.param("triton", id="triton", marks=requires_triton_interpret)]
+# Spatial rows per image, images with 0 and 1 candidates included (the interpreter gets the small list).
+PREFIX_SPATIAL = {"reference": [122, 0, 1, 30], "cpu": [196, 0, 122, 1, 30], "triton": [30, 1, 0, 9]}
+
+
+def _prefix_tol(backend, dtype):
+    # The reference computes float32 for every token dtype from the same rounded tokens, like the C++ kernel.
+    return TRITON_TOL[dtype] if backend == "triton" else CPU_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", PREFIX_BACKENDS)
+@pytest.mark.parametrize("num_prefix", PREFIXES)
+@pytest.mark.parametrize("num_packages", [0, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_rows_match_oracle(backend, num_prefix, num_packages, dtype):
+    """Prefix rows are +inf / 1 exactly; every other row matches the float64 oracle."""
+    _need(backend)
+    C, H = (72, 3) if backend == "triton" else (192, 3)
+    x, cu = make_tokens(PREFIX_SPATIAL[backend], num_packages, C, dtype, num_prefix=num_prefix)
+    w = make_weights(H, C // H)
+    out = ops.token_scores(x, cu, num_packages, H, *w, num_prefix=num_prefix, backend=backend)
+    check_against_oracle(out, x, cu, num_packages, H, w, _prefix_tol(backend, dtype), num_prefix=num_prefix)
+
+
+def _strip_prefix(x, cu, num_prefix):
+    """The same batch without each image's first num_prefix rows; also the row indices that were kept."""
+    bounds = cu.tolist()
+    rows = torch.cat([torch.arange(s + num_prefix, e) for s, e in zip(bounds[:-1], bounds[1:])])
+    lengths = [e - s - num_prefix for s, e in zip(bounds[:-1], bounds[1:])]
+    return x[rows], make_cu_seqlens(lengths), rows
+
+
+@pytest.mark.parametrize("backend", PREFIX_BACKENDS)
+@pytest.mark.parametrize("num_prefix", [1, 2, 5])
+def test_prefix_rows_do_not_enter_the_scores(backend, num_prefix):
+    """Independent of any oracle: the scores of an image with num_prefix prefix rows equal those of the same
+    image without them (num_prefix = 0), and do not change when the prefix rows' values change; so prefix
+    rows are neither scored nor part of the global mean."""
+    _need(backend)
+    C, H, P = 72, 3, 1
+    x, cu = make_tokens(PREFIX_SPATIAL["triton"], P, C, torch.float32, num_prefix=num_prefix)
+    w = make_weights(H, C // H)
+    score, prob = ops.token_scores(x, cu, P, H, *w, num_prefix=num_prefix, backend=backend)
+    x_short, cu_short, rows = _strip_prefix(x, cu, num_prefix)
+    short_score, short_prob = ops.token_scores(x_short, cu_short, P, H, *w, num_prefix=0, backend=backend)
+    torch.testing.assert_close(score[rows], short_score, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(prob[rows], short_prob, atol=1e-6, rtol=1e-6)
+    special = special_rows(cu, P, num_prefix)
+    assert not special[rows].all() and (score[rows][~special[rows]].std() > 0.05)
+    changed = x.clone()
+    changed[special_rows(cu, 0, num_prefix)] = 1e3 * torch.randn_like(changed[special_rows(cu, 0, num_prefix)])
+    for a, b in zip(ops.token_scores(changed, cu, P, H, *w, num_prefix=num_prefix, backend=backend),
+                    (score, prob)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", PREFIX_BACKENDS)
+def test_prefix_zero_with_empty_images(backend):
+    """num_prefix = 0 and no package rows: an image may have no rows at all."""
+    _need(backend)
+    C, H = 72, 3
+    x, cu = make_tokens([9, 0, 1, 0, 30], 0, C, torch.float32, num_prefix=0)
+    w = make_weights(H, C // H)
+    out = ops.token_scores(x, cu, 0, H, *w, num_prefix=0, backend=backend)
+    check_against_oracle(out, x, cu, 0, H, w, _prefix_tol(backend, torch.float32), num_prefix=0)
+
+
+def test_opcheck_cpu_num_prefix():
+    x, cu = make_tokens([30, 1, 0], 1, 192, torch.float32, num_prefix=2)
+    w = make_weights(3, 64)
+    torch.library.opcheck(torch.ops.spvit.token_scores.default, (x, cu, 1, 3, *w, 2))
+
+
+@pytest.mark.parametrize("num_prefix", [0, 2])
+def test_torch_compile_fullgraph_num_prefix(num_prefix):
+    _need("cpu")
+    x, cu = make_tokens([30, 1, 0], 1, 192, torch.float32, num_prefix=num_prefix)
+    w = make_weights(3, 64)
+    fn = torch.compile(lambda x, cu, *w: ops.token_scores(x, cu, 1, 3, *w, num_prefix=num_prefix),
+                       backend="aot_eager", fullgraph=True)
+    check_against_oracle(fn(x, cu, *w), x, cu, 1, 3, w, CPU_TOL[torch.float32], num_prefix=num_prefix)
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "reference"])
+def test_bad_num_prefix_is_named(backend):
+    x, cu, P, H, w = _args()  # images of 1 + 5 + 1 and 1 + 3 + 1 rows
+    with pytest.raises(ValueError, match="num_prefix"):
+        ops.token_scores(x, cu, P, H, *w, num_prefix=-1, backend=backend)
+    with pytest.raises(ValueError, match="num_prefix"):
+        ops.token_scores(x, cu, P, H, *w, num_prefix=6, backend=backend)  # the second image has 5 rows
+    with pytest.raises(TypeError, match="num_prefix"):
+        ops.token_scores(x, cu, P, H, *w, num_prefix=1.0, backend=backend)
+    with pytest.raises(ValueError, match="num_packages"):
+        ops.token_scores(x, cu, P, H, *w, num_prefix=5, backend=backend)  # 5 prefix + 1 package > 5 rows
 
 
 # ---- bad input --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-// prune_pack on CPU: keep decision, gather of cls / kept / old package rows, pooling of the dropped rows
+// prune_pack on CPU: keep decision, gather of prefix / kept / old package rows, pooling of the dropped rows
 // into a new package row, src_index and cu_seqlens_out (SPEC sections 2-4).
 //
 // Layout: x (T, C) rows of all images concatenated, image b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1
-// = [cls, n_b candidates, P old package rows]. Output image b: [cls, kept candidates in order, P old
-// package rows, new package row (package != none)].
+// = [Q prefix rows, n_b candidates, P old package rows]. Output image b: [Q prefix rows, kept candidates in
+// order, P old package rows, new package row (package != none)]; with package_merge "add" and P = 1 the old
+// package row is not copied: the pooled row plus the old one (added in fp32) takes its place.
 //
 // Two passes over the images, each an at::parallel_for: (1) output rows per image (top-k: from
 // cu_seqlens; threshold: count the kept candidates), then a serial prefix sum; (2) per image the decision
@@ -62,8 +63,8 @@ void decide(const float* s, int64_t n, bool topk, float thr, int64_t num_keep, s
 
 template <typename scalar_t>
 void run(const at::Tensor& x, const int32_t* cu, const float* score, const float* prob, int64_t B, int64_t P,
-         bool topk, float thr, int64_t num_keep, int64_t package, const std::vector<int64_t>& offsets,
-         int64_t total_rows, at::Tensor& x_out, int64_t* src_index) {
+         int64_t Q, bool merge, bool topk, float thr, int64_t num_keep, int64_t package,
+         const std::vector<int64_t>& offsets, int64_t total_rows, at::Tensor& x_out, int64_t* src_index) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t T = x.size(0), C = x.size(1);
   const int64_t ld = T > 1 ? x.stride(0) : C;
@@ -76,7 +77,7 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
     std::vector<int64_t> order;
     std::vector<acc_t> acc(C);
     for (int64_t b = b0; b < b1; ++b) {
-      const Segment g = segment(cu, b, T, P);
+      const Segment g = segment(cu, b, T, P, Q);
       decide(score + g.first, g.n_cand, topk, thr, num_keep, keep, order);
       int64_t o = offsets[b];
       auto put = [&](int64_t src) {  // next output row <- input row src
@@ -86,10 +87,11 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
         }
         ++o;
       };
-      if (g.n_cls) put(g.start);
+      for (int64_t j = 0; j < g.n_pre; ++j) put(g.start + j);
       for (int64_t i = 0; i < g.n_cand; ++i)
         if (keep[i]) put(g.first + i);
-      for (int64_t j = 0; j < g.n_old; ++j) put(g.pkg_start + j);
+      if (!merge)
+        for (int64_t j = 0; j < g.n_old; ++j) put(g.pkg_start + j);
       if (package == 0) continue;
 
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -104,13 +106,16 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
         for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(row[c]);
       }
       if (o < total_rows) {
-        scalar_t* dst = out + o * C;
         if (package == 2) {  // mean: a zero vector when nothing was dropped or the weights sum to 0
           const bool zero = dropped == 0 || wsum == acc_t(0);
-          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(zero ? acc_t(0) : acc[c] / wsum);
-        } else {
-          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+          for (int64_t c = 0; c < C; ++c) acc[c] = zero ? acc_t(0) : acc[c] / wsum;
         }
+        if (merge && g.n_old > 0) {  // "add": the old package row joins in fp32, the sum is rounded once
+          const scalar_t* old = xin + g.pkg_start * ld;
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(old[c]);
+        }
+        scalar_t* dst = out + o * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
         src_index[o] = -1;
       }
     }
@@ -127,7 +132,8 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
-    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows) {
+    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows,
+    int64_t package_merge, int64_t num_prefix) {
   // The Python layer validated everything; these checks keep a direct call in bounds.
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
@@ -150,6 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   TORCH_CHECK(package >= 0 && package <= 2, "package must be 0 (none), 1 (sum) or 2 (mean), got ", package);
   TORCH_CHECK(mode == 0 || num_keep >= 0, "num_keep must be >= 0 in topk mode, got ", num_keep);
   TORCH_CHECK(total_rows >= -1, "total_rows must be >= 0, or -1 to compute it, got ", total_rows);
+  TORCH_CHECK(num_prefix >= 0, "num_prefix must be >= 0, got ", num_prefix);
+  TORCH_CHECK(package_merge == 0 || package_merge == 1, "package_merge must be 0 (concat) or 1 (add), got ",
+              package_merge);
+  TORCH_CHECK(package_merge == 0 || (package != 0 && num_packages <= 1),
+              "package_merge add needs package sum or mean and num_packages 0 or 1");
 
   const at::Tensor cu = cu_seqlens.contiguous();
   const at::Tensor score = keep_score.contiguous();
@@ -159,12 +170,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   const bool topk = mode == 1;
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   const int64_t new_pkg = package != 0 ? 1 : 0;
+  const bool merge = package_merge == 1 && num_packages > 0;  // the pooled row replaces the old package row
 
   // Output rows per image, then their exclusive prefix sum.
   std::vector<int64_t> offsets(B + 1, 0);
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const Segment g = segment(cu_p, b, T, num_packages);
+      const Segment g = segment(cu_p, b, T, num_packages, num_prefix);
       int64_t kept = 0;
       if (topk) {
         kept = std::min(num_keep, g.n_cand);
@@ -172,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
         const float* s = score_p + g.first;
         for (int64_t i = 0; i < g.n_cand; ++i) kept += s[i] > thr;
       }
-      offsets[b + 1] = g.n_cls + kept + g.n_old + new_pkg;
+      offsets[b + 1] = g.n_pre + kept + (merge ? 0 : g.n_old) + new_pkg;
     }
   });
   for (int64_t b = 0; b < B; ++b) offsets[b + 1] += offsets[b];
@@ -187,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   for (int64_t b = 0; b <= B; ++b) cu_out_p[b] = static_cast<int32_t>(std::min(offsets[b], total_rows));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prune_pack_cpu", [&] {
-    run<scalar_t>(x, cu_p, score_p, prob.data_ptr<float>(), B, num_packages, topk, thr, num_keep, package, offsets,
-                  total_rows, x_out, src_index.data_ptr<int64_t>());
+    run<scalar_t>(x, cu_p, score_p, prob.data_ptr<float>(), B, num_packages, num_prefix, merge, topk, thr, num_keep,
+                  package, offsets, total_rows, x_out, src_index.data_ptr<int64_t>());
   });
   return {x_out, cu_out, src_index};
 }

@@ -1,8 +1,9 @@
 // token_scores on CPU: the fused SPViT selector (SPEC section 2), two passes per image.
 //
-// Pass 1 (per image and head, over every row of S = all rows but cls): LayerNorm of the head's d channels,
-//   u = GELU(W_in xn + b_in); the global half u[d/2:] is summed in row order and its mean g enters the first
-//   score layer as a per-(image, head) bias: W1 [local, g] + b1 = W1[:, :d/2] local + (W1[:, d/2:] g + b1).
+// Pass 1 (per image and head, over every row of S = all rows but the num_prefix prefix rows): LayerNorm of
+//   the head's d channels, u = GELU(W_in xn + b_in); the global half u[d/2:] is summed in row order and its
+//   mean g enters the first score layer as a per-(image, head) bias:
+//   W1 [local, g] + b1 = W1[:, :d/2] local + (W1[:, d/2:] g + b1).
 //   The spatial rows' local half u[:d/2] and LayerNorm mean (the SE branch's head mean) are stashed
 //   (n_spatial x C/2 floats per image, in cache when pass 2 runs), so the tokens are read once.
 // Pass 2 (per block of spatial rows, all heads): two GELU layers from the stash, the keep-minus-drop logit
@@ -184,7 +185,7 @@ struct Params {
   const float *se_w1, *se_b1, *se_w2, *se_b2;  // (hh, H), (hh,), (H, hh), (H,) as nn.Linear
 };
 
-// Pass 1 for head h of one image whose rows of S (all but cls) are [s0, s0 + m), the first n_sp spatial:
+// Pass 1 for head h of one image whose rows of S (all but the prefix rows) are [s0, s0 + m), the first n_sp spatial:
 //   u = GELU(W_in LN(x) + b_in) for every row; bias1 (d2,) = W1[:, d2:] g + b1 with g the mean of u[d2:];
 //   the spatial rows' local half u[:d2] and LayerNorm mean are stashed for pass 2 as
 //   stash_u[(i * H + h) * d2 + n] and stash_mean[i * H + h] (i = spatial row index).
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w_in, const at::Tensor& b_in,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& se_w1, const at::Tensor& se_b1,
-    const at::Tensor& se_w2, const at::Tensor& se_b2) {
+    const at::Tensor& se_w2, const at::Tensor& se_b2, int64_t num_prefix) {
   // Re-checks that keep every access in bounds (the full validation is in Python).
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor");
   const auto xt = x.scalar_type();
@@ -326,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
               "cu_seqlens must be a 1-D int32 CPU tensor");
   TORCH_CHECK(num_heads >= 2, "num_heads must be >= 2");
   TORCH_CHECK(num_packages >= 0, "num_packages must be >= 0");
+  TORCH_CHECK(num_prefix >= 0, "num_prefix must be >= 0");
   const int64_t T = x.size(0), C = x.size(1), H = num_heads;
   TORCH_CHECK(C % H == 0 && (C / H) % 4 == 0 && C > 0,
               "num_heads must divide C into head dims that are multiples of 4");
@@ -345,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
   check_weight(se_w2, "se_w2", H * hh);
   check_weight(se_b2, "se_b2", H);
 
-  // cls and package rows keep +inf / 1; every other row of a (clamped) image is written below.
+  // Prefix and package rows keep +inf / 1; every other row of a (clamped) image is written below.
   at::Tensor keep_score = at::full({T}, std::numeric_limits<float>::infinity(), x.options().dtype(at::kFloat));
   at::Tensor keep_prob = at::ones({T}, x.options().dtype(at::kFloat));
   const int64_t B = cu_seqlens.size(0) - 1;
@@ -385,12 +387,13 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
   // Clamped segments: bad cu_seqlens give wrong numbers, never an out-of-bounds access.
   const at::Tensor cu_c = cu_seqlens.contiguous();
   const int32_t* cu = cu_c.data_ptr<int32_t>();
-  std::vector<int64_t> seg_start(B), seg_m(B), seg_sp(B);
+  // seg_first: the image's first row of S (after its prefix rows); seg_m: rows of S; seg_sp: spatial rows.
+  std::vector<int64_t> seg_first(B), seg_m(B), seg_sp(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t s = std::min<int64_t>(std::max<int64_t>(cu[b], 0), T);
     const int64_t e = std::min<int64_t>(std::max<int64_t>(cu[b + 1], s), T);
-    seg_start[b] = s;
-    seg_m[b] = std::max<int64_t>(e - s - 1, 0);
+    seg_first[b] = num_prefix < e - s ? s + num_prefix : e;
+    seg_m[b] = e - seg_first[b];
     seg_sp[b] = std::max<int64_t>(seg_m[b] - num_packages, 0);
   }
   std::vector<float> bias1(B * H * d2);
@@ -414,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<float> stash_u, stash_mean;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t s0 = seg_start[b] + 1;
+          const int64_t s0 = seg_first[b];
           stash_u.resize(seg_sp[b] * row_floats);
           stash_mean.resize(seg_sp[b] * H);
           float* bias_b = bias1.data() + b * H * d2;
@@ -432,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
       at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = i / H, h = i % H;
-          global_pass(xp, ldx, seg_start[b] + 1, seg_m[b], seg_sp[b], h, p, bias1.data() + i * d2,
+          global_pass(xp, ldx, seg_first[b], seg_m[b], seg_sp[b], h, p, bias1.data() + i * d2,
                       stash_u.data() + stash_row[b] * row_floats, stash_mean.data() + stash_row[b] * H);
         }
       });
@@ -444,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
         }
       at::parallel_for(0, static_cast<int64_t>(block_image.size()), 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = block_image[i], s0 = seg_start[b] + 1;
+          const int64_t b = block_image[i], s0 = seg_first[b];
           score_pass(block_row[i], std::min(block_row[i] + kRows, seg_sp[b]),
                      stash_u.data() + stash_row[b] * row_floats, stash_mean.data() + stash_row[b] * H,
                      bias1.data() + b * H * d2, p, score_p + s0, prob_p + s0);

@@ -1,9 +1,11 @@
-// prune_pack on CUDA: keep decision, gather of cls / kept / old package rows, pooling of the dropped rows
+// prune_pack on CUDA: keep decision, gather of prefix / kept / old package rows, pooling of the dropped rows
 // into a new package row, src_index and cu_seqlens_out (SPEC sections 2-4).
 //
 // Layout (SPEC section 3): x (T, C) rows of all images concatenated, image b owns rows
-// cu_seqlens[b] .. cu_seqlens[b+1]-1 = [cls, n_b candidates, P old package rows]. Output image b:
-// [cls, kept candidates in order, P old package rows, new package row (package != none)].
+// cu_seqlens[b] .. cu_seqlens[b+1]-1 = [Q prefix rows, n_b candidates, P old package rows]. Output image b:
+// [Q prefix rows, kept candidates in order, P old package rows, new package row (package != none)]. With
+// package_merge "add" and P = 1 ("merge") the old package row is not copied: the pooled row plus the old
+// one, added in fp32 and rounded once, takes its place (src_index -1).
 //
 // Kernels (all on the current stream):
 //   count_kept_kernel  (threshold mode only) grid B: kept candidates per image.
@@ -55,9 +57,12 @@ __device__ __forceinline__ uint32_t score_key(const float* score, int64_t row) {
   return order_key(__float_as_uint(__ldg(score + row)));
 }
 
+// Old package rows copied as they are: none when the new row is merged into the old one.
+__device__ __forceinline__ int64_t copied_old(const Segment& g, int merge) { return merge ? 0 : g.n_old; }
+
 // Output rows of one image.
-__device__ __forceinline__ int64_t out_rows(const Segment& g, int64_t kept, int new_pkg) {
-  return g.n_cls + kept + g.n_old + new_pkg;
+__device__ __forceinline__ int64_t out_rows(const Segment& g, int64_t kept, int new_pkg, int merge) {
+  return g.n_pre + kept + copied_old(g, merge) + new_pkg;
 }
 
 __device__ __forceinline__ int clamp_cu(int64_t v, int64_t total_rows) {
@@ -122,10 +127,10 @@ struct alignas(sizeof(scalar_t) * EPV) Pack {
 // Threshold mode: kept[b] = number of candidates of image b whose key is above thr_key.
 __global__ void __launch_bounds__(kThreads) count_kept_kernel(const int* __restrict__ cu,
                                                               const float* __restrict__ score, int64_t T,
-                                                              int64_t P, uint32_t thr_key,
+                                                              int64_t P, int64_t Q, uint32_t thr_key,
                                                               int64_t* __restrict__ kept) {
   __shared__ int64_t scratch[kWarps];
-  const Segment g = segment(cu, blockIdx.x, T, P);
+  const Segment g = segment(cu, blockIdx.x, T, P, Q);
   int64_t c = 0;
   for (int64_t i = threadIdx.x; i < g.n_cand; i += kThreads) c += score_key(score, g.first + i) > thr_key;
   c = block_sum(c, scratch);
@@ -136,8 +141,8 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(const int* __restr
 // total_rows (-1: not clamped). kept == nullptr: top-k, kept = min(num_keep, n_b).
 __global__ void __launch_bounds__(kThreads) offsets_kernel(const int* __restrict__ cu,
                                                            const int64_t* __restrict__ kept, int64_t B,
-                                                           int64_t T, int64_t P, int64_t num_keep,
-                                                           int new_pkg, int64_t total_rows,
+                                                           int64_t T, int64_t P, int64_t Q, int64_t num_keep,
+                                                           int new_pkg, int merge, int64_t total_rows,
                                                            int64_t* __restrict__ offsets,
                                                            int* __restrict__ cu_out) {
   __shared__ int64_t scratch[kWarps + 1];
@@ -147,8 +152,8 @@ __global__ void __launch_bounds__(kThreads) offsets_kernel(const int* __restrict
     const int64_t b = b0 + threadIdx.x;
     int64_t count = 0;
     if (b < B) {
-      const Segment g = segment(cu, b, T, P);
-      count = out_rows(g, kept ? kept[b] : min(num_keep, g.n_cand), new_pkg);
+      const Segment g = segment(cu, b, T, P, Q);
+      count = out_rows(g, kept ? kept[b] : min(num_keep, g.n_cand), new_pkg, merge);
     }
     int64_t chunk_total;
     const int64_t excl = block_exclusive_scan(count, &chunk_total, scratch);
@@ -173,6 +178,8 @@ struct Params {
   const float* score;  // (T,)
   const float* prob;   // (T,)
   int64_t T, B, P;
+  int64_t Q;           // prefix rows per image
+  int merge;           // 1: package_merge "add" with an old package row to add to
   int topk;            // 1: top-k, 0: threshold
   uint32_t thr_key;    // threshold mode: keep iff key > thr_key
   int64_t num_keep;    // top-k mode
@@ -198,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
   const int new_pkg = p.package != 0;
-  const Segment g = segment(p.cu, b, p.T, p.P);
+  const Segment g = segment(p.cu, b, p.T, p.P, p.Q);
   const int64_t n = g.n_cand;
   const int64_t total_rows = p.total_rows;
 
@@ -209,13 +216,13 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
   } else {
     int64_t part = 0;  // top-k: counts depend on cu_seqlens only
     for (int64_t j = tid; j < b; j += kThreads) {
-      const Segment h = segment(p.cu, j, p.T, p.P);
-      part += out_rows(h, min(p.num_keep, h.n_cand), new_pkg);
+      const Segment h = segment(p.cu, j, p.T, p.P, p.Q);
+      part += out_rows(h, min(p.num_keep, h.n_cand), new_pkg, p.merge);
     }
     out0 = block_sum(part, scan64);
     if (tid == 0) {
       if (b == 0) p.cu_out[0] = 0;
-      p.cu_out[b + 1] = clamp_cu(out0 + out_rows(g, min(p.num_keep, n), new_pkg), total_rows);
+      p.cu_out[b + 1] = clamp_cu(out0 + out_rows(g, min(p.num_keep, n), new_pkg, p.merge), total_rows);
     }
   }
 
@@ -330,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
   };
 
   // ---- kept candidates, chunk by chunk of kThreads, in order
-  const int64_t kept0 = out0 + g.n_cls;  // output row of the first kept candidate
+  const int64_t kept0 = out0 + g.n_pre;  // output row of the first kept candidate
   int64_t kept = 0;
   for (int64_t c0 = 0; c0 < n; c0 += kThreads) {
     const int64_t i = c0 + tid;
@@ -350,19 +357,21 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
     __syncthreads();  // chunk_rows is rewritten by the next chunk
   }
 
-  // ---- cls and old package rows
+  // ---- prefix rows and old package rows
   const int64_t pkg_out = kept0 + kept;  // output row of the first old package row
-  auto fixed_src = [&](int64_t r) { return r < g.n_cls ? g.start : g.pkg_start + (r - g.n_cls); };
-  auto fixed_dst = [&](int64_t r) { return r < g.n_cls ? out0 : pkg_out + (r - g.n_cls); };
-  const int64_t n_fixed = g.n_cls + g.n_old;
+  auto fixed_src = [&](int64_t r) { return r < g.n_pre ? g.start + r : g.pkg_start + (r - g.n_pre); };
+  auto fixed_dst = [&](int64_t r) { return r < g.n_pre ? out0 + r : pkg_out + (r - g.n_pre); };
+  const int64_t n_fixed = g.n_pre + copied_old(g, p.merge);
   for (int64_t r = tid; r < n_fixed; r += kThreads) {
     const int64_t d = fixed_dst(r);
     if (d < total_rows) p.src_index[d] = fixed_src(r);
   }
   copy_rows(n_fixed, fixed_src, fixed_dst);
 
-  // ---- new package row: fp32 keep_prob-weighted pooling of the dropped candidates
-  const int64_t new_row = pkg_out + g.n_old;
+  // ---- new package row: fp32 keep_prob-weighted pooling of the dropped candidates (merge: plus the old
+  // package row, in fp32)
+  const int64_t new_row = pkg_out + copied_old(g, p.merge);
+  const bool add_old = p.merge && g.n_old > 0;
   if (new_pkg) {
     float wpart = 0.f;
     for (int64_t i = tid; i < n; i += kThreads)
@@ -414,9 +423,17 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
 #pragma unroll
           for (int e = 0; e < EPV; ++e) s[e] += red[(q * W + tid) * EPV + e];
         }
+        float pooled[EPV];
+#pragma unroll
+        for (int e = 0; e < EPV; ++e) pooled[e] = zero ? 0.f : (mean ? s[e] / wsum : s[e]);
+        if (add_old) {
+          const PackT old = xin[g.pkg_start * ldp + v0 + tid];
+#pragma unroll
+          for (int e = 0; e < EPV; ++e) pooled[e] += static_cast<float>(old.v[e]);
+        }
         PackT o;
 #pragma unroll
-        for (int e = 0; e < EPV; ++e) o.v[e] = static_cast<scalar_t>(zero ? 0.f : (mean ? s[e] / wsum : s[e]));
+        for (int e = 0; e < EPV; ++e) o.v[e] = static_cast<scalar_t>(pooled[e]);
         if (new_row < total_rows) xout[new_row * vpr + v0 + tid] = o;
       }
       __syncthreads();
@@ -458,7 +475,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& keep_score, const at::Tensor& keep_prob,
-    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows) {
+    int64_t num_packages, int64_t mode, double threshold, int64_t num_keep, int64_t package, int64_t total_rows,
+    int64_t package_merge, int64_t num_prefix) {
   // The Python layer validated everything; these checks keep a direct call in bounds.
   TORCH_CHECK(on_kernel_device(x) && x.dim() == 2, "x must be a 2-D CUDA tensor, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -480,6 +498,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   TORCH_CHECK(package >= 0 && package <= 2, "package must be 0 (none), 1 (sum) or 2 (mean), got ", package);
   TORCH_CHECK(mode == 0 || num_keep >= 0, "num_keep must be >= 0 in topk mode, got ", num_keep);
   TORCH_CHECK(total_rows >= -1, "total_rows must be >= 0, or -1 to compute it, got ", total_rows);
+  TORCH_CHECK(num_prefix >= 0, "num_prefix must be >= 0, got ", num_prefix);
+  TORCH_CHECK(package_merge == 0 || package_merge == 1, "package_merge must be 0 (concat) or 1 (add), got ",
+              package_merge);
+  TORCH_CHECK(package_merge == 0 || (package != 0 && num_packages <= 1),
+              "package_merge add needs package sum or mean and num_packages 0 or 1");
 
   const DeviceGuard guard(x.device());
   const cudaStream_t stream = current_stream();
@@ -487,6 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   const at::Tensor score = keep_score.contiguous();
   const at::Tensor prob = keep_prob.contiguous();
   const int new_pkg = package != 0 ? 1 : 0;
+  const int merge = (package_merge == 1 && num_packages > 0) ? 1 : 0;  // the pooled row replaces the old one
   const bool topk = mode == 1;
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   uint32_t thr_bits;
@@ -502,13 +526,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
     if (!topk) {
       kept = at::empty({B}, cu.options().dtype(at::kLong));
       SPVIT_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, count_kept_kernel)(
-          cu.data_ptr<int>(), score.data_ptr<float>(), T, num_packages, thr_key, kept.data_ptr<int64_t>());
+          cu.data_ptr<int>(), score.data_ptr<float>(), T, num_packages, num_prefix, thr_key,
+          kept.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     offsets = at::empty({B + 1}, cu.options().dtype(at::kLong));
     SPVIT_LAUNCH(1, kThreads, 0, stream, offsets_kernel)(
-        cu.data_ptr<int>(), topk ? nullptr : kept.data_ptr<int64_t>(), B, T, num_packages, num_keep, new_pkg,
-        total_rows, offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
+        cu.data_ptr<int>(), topk ? nullptr : kept.data_ptr<int64_t>(), B, T, num_packages, num_prefix, num_keep,
+        new_pkg, merge, total_rows, offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total_rows < 0) {
       // Threshold mode (or top-k without a size): the op's one synchronisation, to size the output.
@@ -532,6 +557,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   prm.T = T;
   prm.B = B;
   prm.P = num_packages;
+  prm.Q = num_prefix;
+  prm.merge = merge;
   prm.topk = topk ? 1 : 0;
   prm.thr_key = thr_key;
   prm.num_keep = topk ? num_keep : 0;

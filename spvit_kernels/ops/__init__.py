@@ -1,7 +1,9 @@
 """The spvit ops: `torch.ops.spvit.*` and their Python front ends with a `backend=` switch.
 
-    token_scores(x, cu_seqlens, num_packages, num_heads, <14 selector weights>) -> (keep_score, keep_prob)
-    prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, ...) -> (x_out, cu_seqlens_out, src_index)
+    token_scores(x, cu_seqlens, num_packages, num_heads, <14 selector weights>, *, num_prefix=1)
+        -> (keep_score, keep_prob)
+    prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, ..., *, package_merge="concat",
+               num_prefix=1) -> (x_out, cu_seqlens_out, src_index)
     varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None) -> out
 
 `available_backends(name)` lists the backends usable in this process. `simt_schedule(seed)` sets the thread

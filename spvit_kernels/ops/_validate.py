@@ -20,6 +20,7 @@ TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 80, 96, 128)
 PRUNE_MODES = ("threshold", "topk")
 PACKAGE_MODES = ("none", "sum", "mean")
+PACKAGE_MERGES = ("concat", "add")
 
 _state = threading.local()
 
@@ -80,11 +81,11 @@ def check_seqlens_meta(cu_seqlens, device):
         raise ValueError(f"cu_seqlens must have B+1 >= 2 entries, got {cu_seqlens.shape[0]}")
 
 
-def read_seqlens(cu_seqlens, total, *, min_len=0, allow_sync=True, min_len_name="num_packages"):
+def read_seqlens(cu_seqlens, total, *, num_prefix=0, num_packages=0, allow_sync=True):
     """Check cu_seqlens' values and return the per-image lengths (a list), or None if not readable now.
 
     cu_seqlens[0] must be 0, the sequence non-decreasing, cu_seqlens[-1] == total, and every image at
-    least `min_len` rows long.
+    least num_prefix + num_packages rows long (the error names whichever of the two does not fit).
     """
     if not values_readable(cu_seqlens, allow_sync):
         return None
@@ -97,11 +98,14 @@ def read_seqlens(cu_seqlens, total, *, min_len=0, allow_sync=True, min_len_name=
             raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
     if bounds[-1] != total:
         raise ValueError(f"cu_seqlens must end at the number of rows T = {total}, got {bounds[-1]}")
+    min_len = num_prefix + num_packages
     for i, n in enumerate(lengths):
+        if n < num_prefix:
+            raise ValueError(f"num_prefix = {num_prefix} is larger than image {i}, which has {n} rows")
         if n < min_len:
             raise ValueError(
-                f"{min_len_name}: image {i} has {n} rows, fewer than the {min_len} it needs "
-                f"(cls + {min_len - 1} package rows)")
+                f"num_packages: image {i} has {n} rows, fewer than the {min_len} it needs "
+                f"({num_prefix} prefix + {num_packages} package rows)")
     return lengths
 
 
@@ -121,7 +125,8 @@ def token_scores_weight_shapes(num_heads, head_dim):
     }
 
 
-def token_scores(x, cu_seqlens, num_packages, num_heads, weights, *, allow_float64=False, allow_sync=True):
+def token_scores(x, cu_seqlens, num_packages, num_heads, weights, num_prefix=1, *, allow_float64=False,
+                 allow_sync=True):
     """Check token_scores' arguments; `weights` maps the names of TOKEN_SCORES_WEIGHTS to tensors.
 
     Returns the per-image lengths, or None where they cannot be read without a synchronisation.
@@ -131,6 +136,7 @@ def token_scores(x, cu_seqlens, num_packages, num_heads, weights, *, allow_float
     check_seqlens_meta(cu_seqlens, x.device)
     check_int(num_packages, "num_packages", minimum=0)
     check_int(num_heads, "num_heads", minimum=2)
+    check_int(num_prefix, "num_prefix", minimum=0)
     T, C = x.shape
     if C % num_heads != 0:
         raise ValueError(f"num_heads = {num_heads} must divide the channels C = {C} of x")
@@ -145,13 +151,20 @@ def token_scores(x, cu_seqlens, num_packages, num_heads, weights, *, allow_float
         if tuple(w.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for C = {C}, num_heads = {num_heads}; "
                              f"got {tuple(w.shape)}")
-    return read_seqlens(cu_seqlens, T, min_len=1 + num_packages, allow_sync=allow_sync)
+    return read_seqlens(cu_seqlens, T, num_prefix=num_prefix, num_packages=num_packages, allow_sync=allow_sync)
 
 
 # --- prune_pack -----------------------------------------------------------------------------------
 
-def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, *,
-               allow_float64=False, allow_sync=True):
+def package_rows_out(num_packages, package, package_merge):
+    """Package rows every output image carries: one in "add" mode, else the old ones plus the new one."""
+    if package_merge == "add":
+        return 1
+    return num_packages + (package != "none")
+
+
+def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package,
+               package_merge="concat", num_prefix=1, *, allow_float64=False, allow_sync=True):
     """Check prune_pack's arguments.
 
     Returns `total_rows`: the number of output rows where it is known without looking at the scores
@@ -172,6 +185,16 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
     if package not in PACKAGE_MODES:
         raise ValueError(f"package must be one of {PACKAGE_MODES}, got {package!r}")
+    if package_merge not in PACKAGE_MERGES:
+        raise ValueError(f"package_merge must be one of {PACKAGE_MERGES}, got {package_merge!r}")
+    if package_merge == "add":
+        if package == "none":
+            raise ValueError("package_merge='add' merges a new package row into the old one: it needs "
+                             "package='mean' or 'sum', got package='none'")
+        if num_packages not in (0, 1):
+            raise ValueError(f"package_merge='add' keeps one package row per image: num_packages must be 0 or 1, "
+                             f"got {num_packages}")
+    check_int(num_prefix, "num_prefix", minimum=0)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
     if mode == "topk":
@@ -180,16 +203,16 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         check_int(num_keep, "num_keep", minimum=0)
     elif num_keep is not None:
         check_int(num_keep, "num_keep", minimum=0)
-    lengths = read_seqlens(cu_seqlens, T, min_len=1 + num_packages, allow_sync=allow_sync)
+    lengths = read_seqlens(cu_seqlens, T, num_prefix=num_prefix, num_packages=num_packages, allow_sync=allow_sync)
     if mode != "topk":
         return None
     B = cu_seqlens.shape[0] - 1
-    extra = 1 + num_packages + (package != "none")
+    extra = num_prefix + package_rows_out(num_packages, package, package_merge)
     if lengths is None:
         # No synchronisation allowed: every image is assumed to have >= num_keep candidates (true for the
         # SPViT models, whose images all have the same length in top-k mode).
         return B * (extra + num_keep)
-    return sum(extra + min(num_keep, n - 1 - num_packages) for n in lengths)
+    return sum(extra + min(num_keep, n - num_prefix - num_packages) for n in lengths)
 
 
 # --- varlen_attention -----------------------------------------------------------------------------

@@ -12,19 +12,20 @@ _registry.register_backend(OP, "reference", _ANY_DEVICE)(reference.prune_pack_re
 
 
 def _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-           package="mean", *, allow_sync, allow_float64=False):
+           package="mean", package_merge="concat", num_prefix=1, *, allow_sync, allow_float64=False):
     total_rows = _validate.prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                      num_keep, package, allow_sync=allow_sync, allow_float64=allow_float64)
+                                      num_keep, package, package_merge, num_prefix,
+                                      allow_sync=allow_sync, allow_float64=allow_float64)
     return (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, float(threshold), num_keep, package,
-            total_rows)
+            total_rows, package_merge, num_prefix)
 
 
 def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-               package="mean", *, backend=None):
-    """Drop the weak spatial tokens of every image and pool them into a new package token.
+               package="mean", *, package_merge="concat", num_prefix=1, backend=None):
+    """Drop the weak spatial tokens of every image and pool them into a package token.
 
-    Image b's rows (cu_seqlens[b] .. cu_seqlens[b+1]-1) are [cls, n_b spatial candidates, num_packages
-    package rows]. Only the candidates can be dropped.
+    Image b's rows (cu_seqlens[b] .. cu_seqlens[b+1]-1) are [num_prefix prefix rows, n_b spatial
+    candidates, num_packages package rows]. Only the candidates can be dropped.
 
     Args:
         x: (T, C) tokens, float32 / float16 / bfloat16, rows contiguous.
@@ -38,21 +39,29 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         num_keep: candidates kept per image in mode="topk" (>= 0).
         package: "mean" (keep_prob-weighted average of the dropped rows; zero if none or zero weight),
             "sum" (keep_prob-weighted sum), "none" (no new package row). Accumulated in float32.
+        package_merge: "concat" (the new package row is appended after the old ones) or "add" (one
+            package row per image in total: with num_packages = 0 the new row is appended, with
+            num_packages = 1 the pooled row is added to the old package row in float32 and the sum
+            replaces it). "add" needs package != "none" and num_packages 0 or 1.
+        num_prefix: rows at the start of every image that are always kept and never pooled (class,
+            distillation, register tokens; 0 for a model without class token). Default 1.
         backend: None (fastest for the device), "reference", "cpu", "cuda".
 
     Returns:
-        x_out: (T_out, C) in x's dtype; image b's rows are [cls, kept candidates in original order,
-            old package rows, new package row (unless package="none")].
+        x_out: (T_out, C) in x's dtype; image b's rows are [prefix rows, kept candidates in original
+            order, old package rows, new package row (unless package="none")], or in "add" mode
+            [prefix rows, kept candidates, the one (merged) package row].
         cu_seqlens_out: (B+1,) int32.
-        src_index: (T_out,) int64, the row of x each output row copies; -1 for new package rows.
+        src_index: (T_out,) int64, the row of x each output row copies; -1 for new and merged package rows.
 
     Synchronisation: threshold mode copies the output size to the host once. Top-k mode needs none:
     on a GPU with unread cu_seqlens (CUDA graph capture, torch.compile, the raw torch.ops entry point) it
     assumes every image has at least num_keep candidates, as in every SPViT model. If one has fewer, the
-    output still has B * (1 + num_keep + packages) rows: the rows after cu_seqlens_out[-1], which no image
-    owns, are zero rows with src_index -1.
+    output still has B * (num_prefix + num_keep + package rows) rows: the rows after cu_seqlens_out[-1],
+    which no image owns, are zero rows with src_index -1.
     """
-    args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package)
+    args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, package_merge,
+            num_prefix)
     return _library.call(OP, args, backend, _check)
 
 
@@ -61,10 +70,10 @@ _library.register_dispatch(OP, _check)
 
 @torch.library.register_fake("spvit::prune_pack")
 def _prune_pack_fake(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                     package="mean"):
+                     package="mean", package_merge="concat", num_prefix=1):
     B = cu_seqlens.shape[0] - 1
     if mode == "topk":
-        rows = B * (1 + num_packages + (package != "none") + num_keep)
+        rows = B * (num_prefix + _validate.package_rows_out(num_packages, package, package_merge) + num_keep)
     else:
         rows = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((rows, x.shape[1])), cu_seqlens.new_empty((B + 1,)),

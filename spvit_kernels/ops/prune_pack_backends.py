@@ -5,7 +5,7 @@ itself only when this build has its kernel.
 
 Both receive the validated tuple of spvit_kernels.ops.prune_pack._check:
     (x (T, C), cu_seqlens (B+1,) int32, keep_score (T,) f32, keep_prob (T,) f32, num_packages, mode,
-     threshold, num_keep, package, total_rows)
+     threshold, num_keep, package, total_rows, package_merge, num_prefix)
 and return (x_out (T_out, C), cu_seqlens_out (B+1,) int32, src_index (T_out,) int64).
 total_rows is None in threshold mode: the kernels count the kept rows (on CUDA with one host
 synchronisation); in top-k mode it is the output size and the CUDA kernel does not synchronise.
@@ -19,6 +19,7 @@ from . import _registry
 OP = "prune_pack"
 MODE_CODES = {"threshold": 0, "topk": 1}  # as declared in csrc/spvit.h
 PACKAGE_CODES = {"none": 0, "sum": 1, "mean": 2}
+MERGE_CODES = {"concat": 0, "add": 1}
 
 _cpu_kernel = native("prune_pack_cpu")
 _cuda_kernel = native("prune_pack_cuda")
@@ -26,37 +27,37 @@ _simt_kernel = native("prune_pack_cuda_simt")
 
 
 def _native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package,
-                 total_rows):
+                 total_rows, package_merge, num_prefix):
     return (x, cu_seqlens, keep_score, keep_prob, int(num_packages), MODE_CODES[mode], float(threshold),
             -1 if num_keep is None else int(num_keep), PACKAGE_CODES[package],
-            -1 if total_rows is None else int(total_rows))
+            -1 if total_rows is None else int(total_rows), MERGE_CODES[package_merge], int(num_prefix))
 
 
 if _cpu_kernel is not None:
 
     @_registry.register_backend(OP, "cpu", lambda: {"cpu"})
     def prune_pack_cpu(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                       package="mean", total_rows=None):
+                       package="mean", total_rows=None, package_merge="concat", num_prefix=1):
         """C++ kernel: at::parallel_for over images (see spvit_kernels.ops.prune_pack for the shapes)."""
         return _cpu_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                         num_keep, package, total_rows))
+                                         num_keep, package, total_rows, package_merge, num_prefix))
 
 
 if _cuda_kernel is not None:
 
     @_registry.register_backend(OP, "cuda", lambda: {"cuda"} if torch.cuda.is_available() else set())
     def prune_pack_cuda(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                        package="mean", total_rows=None):
+                        package="mean", total_rows=None, package_merge="concat", num_prefix=1):
         """CUDA C++ kernel on the current stream (see spvit_kernels.ops.prune_pack for the shapes)."""
         return _cuda_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                          num_keep, package, total_rows))
+                                          num_keep, package, total_rows, package_merge, num_prefix))
 
 
 if _simt_kernel is not None:
 
     @_registry.register_backend(OP, "cuda_simt", lambda: {"cpu"})
     def prune_pack_cuda_simt(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                             package="mean", total_rows=None):
+                             package="mean", total_rows=None, package_merge="concat", num_prefix=1):
         """The CUDA kernels executed on CPU tensors, under the schedule of spvit_kernels.ops.simt (slow)."""
         return _simt_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                          num_keep, package, total_rows))
+                                          num_keep, package, total_rows, package_merge, num_prefix))

@@ -1,9 +1,9 @@
 """Fast backends of token_scores: "triton" (GPU, or CPU under TRITON_INTERPRET=1) and "cpu" (C++).
 
 Both receive the tuple of `token_scores._check`: (x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bias,
-w_in, b_in, w1, b1, w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2), already validated: x (T, C) with contiguous
+w_in, b_in, w1, b1, w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2, num_prefix), already validated: x (T, C) with contiguous
 rows (any row stride), cu_seqlens (B+1,) int32 on x's device, weights float32 or x's dtype. Both return
-(keep_score, keep_prob), float32 of shape (T,); cls and package rows get +inf / 1.
+(keep_score, keep_prob), float32 of shape (T,); prefix and package rows get +inf / 1.
 
 "triton": spvit_kernels/triton/token_scores.py (two launches, no host synchronisation).
 "cpu": csrc/cpu/token_scores_cpu.cpp (at::parallel_for, float32 accumulation), registered only when the

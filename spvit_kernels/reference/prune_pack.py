@@ -23,18 +23,20 @@ def keep_mask(scores, mode, threshold, num_keep):
 
 
 def prune_pack_reference(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0,
-                         num_keep=None, package="mean", total_rows=None):
-    """See spvit_kernels.ops.prune_pack. Image by image; the package row is pooled in float32
-    (float64 for float64 x). `total_rows` is accepted for the backend interface and cross-checked."""
+                         num_keep=None, package="mean", total_rows=None, package_merge="concat", num_prefix=1):
+    """See spvit_kernels.ops.prune_pack. Image by image; the package row is pooled (and in "add" mode
+    merged with the old one) in float32 (float64 for float64 x). `total_rows` is accepted for the backend
+    interface and cross-checked."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     bounds = cu_seqlens.tolist()
     pieces, sources, out_lengths = [], [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        first, pkg = start + 1, end - num_packages  # candidates are rows [first, pkg)
+        first, pkg = start + num_prefix, end - num_packages  # candidates are rows [first, pkg)
         keep = keep_mask(keep_score[first:pkg], mode, threshold, num_keep)
         kept = first + torch.nonzero(keep).flatten()
-        rows = [torch.tensor([start], device=x.device), kept, torch.arange(pkg, end, device=x.device)]
-        src = torch.cat(rows)
+        merge = package_merge == "add" and num_packages > 0  # the old package row is replaced by the sum
+        old = torch.arange(pkg, pkg if merge else end, device=x.device)
+        src = torch.cat([torch.arange(start, first, device=x.device), kept, old])
         pieces.append(x[src])
         if package != "none":
             dropped = first + torch.nonzero(~keep).flatten()
@@ -43,6 +45,8 @@ def prune_pack_reference(x, cu_seqlens, keep_score, keep_prob, num_packages, mod
             if package == "mean":
                 total = w.sum()
                 pooled = pooled / total if (dropped.numel() > 0 and total != 0) else torch.zeros_like(pooled)
+            if merge:
+                pooled = pooled + x[pkg].to(acc)
             pieces.append(pooled.to(x.dtype)[None])
             src = torch.cat([src, torch.tensor([-1], device=x.device)])
         sources.append(src)

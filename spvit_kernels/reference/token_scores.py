@@ -10,7 +10,7 @@ def _compute_dtype(x):
 
 def selector_rows(S, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2, w3, b3,
                   se_w1, se_b1, se_w2, se_b2):
-    """Score the M rows S (M, C) of ONE image (its rows without cls) in S's dtype.
+    """Score the M rows S (M, C) of ONE image (its rows without the prefix rows) in S's dtype.
 
     Returns (keep_score, keep_prob), each of shape (M,). The global mean is taken over all M rows.
     """
@@ -37,7 +37,7 @@ def selector_rows(S, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2, 
 
 
 def token_scores_reference(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1,
-                           w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2):
+                           w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2, num_prefix=1):
     """See spvit_kernels.ops.token_scores. Image by image, in float32 (float64 for float64 x)."""
     T = x.shape[0]
     cdt = _compute_dtype(x)
@@ -46,11 +46,12 @@ def token_scores_reference(x, cu_seqlens, num_packages, num_heads, ln_weight, ln
     bounds = cu_seqlens.tolist()
     weights = (ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2, w3, b3, se_w1, se_b1, se_w2, se_b2)
     for start, end in zip(bounds[:-1], bounds[1:]):
-        rows = x[start + 1: end].to(cdt)
+        first = start + num_prefix  # S: every row after the prefix rows (candidates, then packages)
+        rows = x[first:end].to(cdt)
         n_spatial = rows.shape[0] - num_packages
         if n_spatial <= 0:
-            continue  # only cls and package rows: nothing to score
+            continue  # only prefix and package rows: nothing to score
         score, prob = selector_rows(rows, num_heads, *weights)
-        keep_score[start + 1: start + 1 + n_spatial] = score[:n_spatial].float()
-        keep_prob[start + 1: start + 1 + n_spatial] = prob[:n_spatial].float()
+        keep_score[first: first + n_spatial] = score[:n_spatial].float()
+        keep_prob[first: first + n_spatial] = prob[:n_spatial].float()
     return keep_score, keep_prob

@@ -4,10 +4,10 @@ Two launches, no host synchronisation, no atomics:
 
 1. `_head_kernel`, grid (B, H): one program per (image, head). It loops over the image's rows twice with a
    runtime bound read from cu_seqlens (so no max length is needed on the host):
-   - pass 1 (rows of S = every row but cls): LayerNorm of the head's d channels, u_glob = GELU(xn @
-     W_in[d/2:]^T + b_in[d/2:]) on tensor cores, summed over the rows in a fixed order. Its mean g enters the
-     first score layer as a per-(image, head) bias: W1 @ [local, g] + b1 = W1[:, :d/2] @ local + (W1[:, d/2:]
-     @ g + b1), so the concatenation is never built.
+   - pass 1 (rows of S = every row but the num_prefix prefix rows): LayerNorm of the head's d channels,
+     u_glob = GELU(xn @ W_in[d/2:]^T + b_in[d/2:]) on tensor cores, summed over the rows in a fixed order.
+     Its mean g enters the first score layer as a per-(image, head) bias: W1 @ [local, g] + b1 =
+     W1[:, :d/2] @ local + (W1[:, d/2:] @ g + b1), so the concatenation is never built.
    - pass 2 (spatial rows only; the (image, head) slice, ~25 KB for DeiT-S in bf16, was just read, so it
      should come from L2 rather than DRAM): the same LayerNorm, u_loc = GELU(xn @
      W_in[:d/2]^T + b_in[:d/2]), two GELU layers (tensor cores) and the keep-minus-drop logit difference.
@@ -15,7 +15,7 @@ Two launches, no host synchronisation, no atomics:
      head mean h_bar.
 2. `_combine_kernel`, grid (B,): per row, the SE head weights w from h_bar, then keep_score = sum_h w_h (l0_h
    - l1_h) / sum_h w_h (log_softmax[0] - log_softmax[1] = l0 - l1) and keep_prob = sum_h w_h sigmoid(l0_h -
-   l1_h) / sum_h w_h; cls and package rows get +inf / 1.
+   l1_h) / sum_h w_h; prefix and package rows get +inf / 1.
 
 Scratch: two (T, H) float32 buffers, 1/16 of the token bytes for d = 64 in bf16.
 Precision: LayerNorm, GELU, reductions and accumulation in float32; tl.dot operands in the tokens' dtype
@@ -51,13 +51,15 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.con
 
 
 @triton.jit
-def _segment(cu_ptr, b, T, num_packages):
-    """Clamped rows [start, end) of image b, its rows of S (all but cls) and its spatial rows."""
+def _segment(cu_ptr, b, T, num_packages, num_prefix):
+    """Clamped rows [start, end) of image b, its first row of S (after the prefix rows), its rows of S and
+    its spatial rows."""
     start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), T)
     end = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), start), T)
-    m = tl.maximum(end - start - 1, 0)
+    first = start + tl.minimum(end - start, num_prefix)  # no overflow for any num_prefix
+    m = end - first
     n_sp = tl.maximum(m - num_packages, 0)
-    return start, end, m, n_sp
+    return start, end, first, m, n_sp
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _layer_norm_tile(x_ptr, rows, rmask, stride_x, cols, dmask, lnw, lnb, D: tl.
 
 
 @triton.jit
-def _head_kernel(x_ptr, stride_x, cu_ptr, diff_ptr, hbar_ptr, T, H, num_packages,
+def _head_kernel(x_ptr, stride_x, cu_ptr, diff_ptr, hbar_ptr, T, H, num_packages, num_prefix,
                  lnw_ptr, lnb_ptr, w_in_ptr, b_in_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                  BLOCK_D4: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -82,8 +84,8 @@ def _head_kernel(x_ptr, stride_x, cu_ptr, diff_ptr, hbar_ptr, T, H, num_packages
     h = tl.program_id(1)
     D2: tl.constexpr = D // 2
     D4: tl.constexpr = D // 4
-    start, end, m, n_sp = _segment(cu_ptr, b, T, num_packages)
-    row0 = start.to(tl.int64) + 1  # first row of S, 64-bit so that row * stride cannot overflow
+    start, end, first, m, n_sp = _segment(cu_ptr, b, T, num_packages, num_prefix)
+    row0 = first.to(tl.int64)  # first row of S, 64-bit so that row * stride cannot overflow
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,12 +148,13 @@ def _head_kernel(x_ptr, stride_x, cu_ptr, diff_ptr, hbar_ptr, T, H, num_packages
 
 
 @triton.jit
-def _combine_kernel(diff_ptr, hbar_ptr, cu_ptr, score_ptr, prob_ptr, T, num_packages,
+def _combine_kernel(diff_ptr, hbar_ptr, cu_ptr, score_ptr, prob_ptr, T, num_packages, num_prefix,
                     se_w1_ptr, se_b1_ptr, se_w2_ptr, se_b2_ptr,
                     H: tl.constexpr, HH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     b = tl.program_id(0)
-    start, end, m, n_sp = _segment(cu_ptr, b, T, num_packages)
+    start, end, first, m, n_sp = _segment(cu_ptr, b, T, num_packages, num_prefix)
     n_rows = end - start
+    n_pre = first - start
     offs_r = tl.arange(0, BLOCK_R)
     offs_h = tl.arange(0, BLOCK_H)
     hmask = offs_h < H
@@ -160,7 +163,7 @@ def _combine_kernel(diff_ptr, hbar_ptr, cu_ptr, score_ptr, prob_ptr, T, num_pack
         local = r + offs_r
         rows = start.to(tl.int64) + local
         in_image = local < n_rows
-        spatial = (local >= 1) & (local <= n_sp)
+        spatial = (local >= n_pre) & (local < n_pre + n_sp)
         m2 = spatial[:, None] & hmask[None, :]
         offs = rows[:, None] * H + offs_h[None, :]
         diff = tl.load(diff_ptr + offs, mask=m2, other=0.0)
@@ -185,14 +188,14 @@ def _pow2(n, minimum=16):
 
 
 def token_scores_triton(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1, w2,
-                        b2, w3, b3, se_w1, se_b1, se_w2, se_b2):
+                        b2, w3, b3, se_w1, se_b1, se_w2, se_b2, num_prefix=1):
     """The fused selector on x's device (CUDA, or CPU under TRITON_INTERPRET=1); see ops.token_scores.
 
     Arguments are already validated (spvit_kernels/ops/_validate.py):
         x (T, C) float32 / float16 / bfloat16, x.stride(1) == 1 (any row stride); cu_seqlens (B+1,) int32;
         with H = num_heads and d = C / H: ln_weight, ln_bias, b_in (d,); w_in (d, d); w1 (d/2, d); b1 (d/2,);
         w2 (d/4, d/2); b2 (d/4,); w3 (2, d/4); b3 (2,); se_w1 (H//2, H); se_b1 (H//2,); se_w2 (H, H//2);
-        se_b2 (H,); weights float32 or x's dtype.
+        se_b2 (H,); weights float32 or x's dtype; num_prefix >= 0 unscored rows at the start of every image.
     Returns (keep_score, keep_prob), float32 (T,). Two launches, no host synchronisation.
     """
     T, C = x.shape
@@ -210,12 +213,12 @@ def token_scores_triton(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bi
     se = [t.contiguous() for t in (se_w1, se_b1, se_w2, se_b2)]
     block_d = _pow2(d)
     _head_kernel[(B, H)](
-        x, x.stride(0), cu_seqlens, diff, hbar, T, H, num_packages, *ws,
+        x, x.stride(0), cu_seqlens, diff, hbar, T, H, num_packages, num_prefix, *ws,
         D=d, BLOCK_M=64, BLOCK_D=block_d, BLOCK_D2=_pow2(d // 2), BLOCK_D4=_pow2(d // 4),
         DOT_DTYPE=_DOT_DTYPE[x.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         EMULATE=x.dtype == torch.bfloat16 and x.device.type == "cpu",
         num_warps=4 if block_d <= 64 else 8)
     _combine_kernel[(B,)](
-        diff, hbar, cu_seqlens, keep_score, keep_prob, T, num_packages, *se,
+        diff, hbar, cu_seqlens, keep_score, keep_prob, T, num_packages, num_prefix, *se,
         H=H, HH=H // 2, BLOCK_R=64, BLOCK_H=_pow2(H, 2), num_warps=4)
     return keep_score, keep_prob

@@ -57,7 +57,8 @@ def main():
                     total = ref[0].shape[0] if mode == "topk" else -1  # as the Python layer passes it
                     op.set_schedule(runs % 4)
                     out = op.prune_pack(*batch, P, MODE_CODES[mode], float(threshold),
-                                        -1 if num_keep is None else num_keep, PACKAGE_CODES[package], total)
+                                        -1 if num_keep is None else num_keep, PACKAGE_CODES[package], total,
+                                        0, 1)  # package_merge concat, num_prefix 1
                     check_against_oracle(out, *batch, P, mode, threshold, num_keep, package)
                     runs += 1
     print(f"asan: {runs} prune_pack runs clean")
