@@ -201,6 +201,14 @@ def test_triton_interpret_dtypes(dtype):
 
 
 @requires_triton_interpret
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_interpret_65_to_96_token_bucket(dtype):
+    """SPViT's later stages (~75 tokens): the 32x32-tile bucket, several key tiles per image."""
+    q, k, v, cu = make_qkv([75, 3, 66], 1, 32, dtype)
+    assert_matches_oracle(ops.varlen_attention(q, k, v, cu, backend="triton"), q, k, v, cu)
+
+
+@requires_triton_interpret
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_triton_interpret_head_dims(d):
     q, k, v, cu = make_qkv([40, 1, 2], 2, d, torch.float16)
