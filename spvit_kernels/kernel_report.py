@@ -278,8 +278,9 @@ def token_scores_stats(arch, dtype, channels, num_heads):
             if a in meta["constexprs"]:
                 continue
             types[a] = ("*fp32" if a.endswith("_ptr") else "i32")
-        if "x_ptr" in types:
-            types["x_ptr"] = _TL_PTR[dtype]
+        types.update({a: _TL_PTR[dtype] for a in ("x_ptr", "pre_ptr") if a in types})
+        if "cu_ptr" in types:
+            types["cu_ptr"] = "*i32"
         divisible = [a for a in types if a.endswith("_ptr")] + [a for a in types if a.startswith("stride")]
         k = compile_triton(fn, arch, types, meta["constexprs"], divisible, meta["num_warps"], 1)
         c = meta["constexprs"]
