@@ -142,7 +142,8 @@ def sass_stats(instr, labels):
     """Instruction counts of one function's SASS (see KernelStats)."""
     real = [(a, op, args) for a, op, args in instr if op not in ("NOP",)]
     loops = _innermost_loops(instr, labels)
-    loop_n = sum(sum(1 for _, op, _ in instr[a:b + 1] if op != "NOP") for a, b in loops)
+    in_loop = {i for a, b in loops for i in range(a, b + 1)}  # two back edges may share a body
+    loop_n = sum(1 for i in in_loop if instr[i][1] != "NOP")
     loads = [_width(op) for _, op, _ in real if op.startswith(("LDG", "LDGSTS"))]
     stores = [_width(op) for _, op, _ in real if op.startswith("STG")]
     ops = [op for _, op, _ in real]
@@ -296,28 +297,38 @@ def token_scores_stats(arch, dtype, channels, num_heads):
 
 
 def extension_stats(so_path):
-    """KernelStats of every kernel in the extension's sm_80 / sm_90 cubins (cuobjdump -sass / -res-usage)."""
-    usage = resource_usage(so_path)
+    """KernelStats of every kernel in the extension's sm_80 / sm_90 cubins (extracted with cuobjdump -xelf,
+    read with nvdisasm and cuobjdump -res-usage). Spills are not separable from local arrays in a cubin:
+    spill_bytes is -1 and local_mem_instr counts LDL / STL."""
     stats = []
-    for arch in (80, 90):
-        sass = _run([nvidia_tool("cuobjdump"), "-sass", f"-arch=sm_{arch}", so_path])
-        for fname, body in sass_functions(sass).items():
-            res = usage.get((arch, fname))
-            if res is None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([nvidia_tool("cuobjdump"), "-xelf", "all", os.path.abspath(so_path)], cwd=tmp,
+                       check=True, capture_output=True)
+        for cubin in sorted(os.listdir(tmp)):
+            m = re.search(r"sm_(\d+)", cubin)
+            if not m or int(m.group(1)) not in SM_LIMITS:
                 continue
-            warps = EXTENSION_WARPS  # csrc/cuda/prune_pack_cuda.cu: kThreads = 512 for every kernel
-            blocks, occ = occupancy(arch, warps, res["REG"], res.get("SHARED", 0))
-            s = sass_stats(body["instr"], body["labels"])
-            stats.append(KernelStats(
-                kernel=_short_name(fname), config=fname, arch=arch, num_warps=warps, registers=res["REG"],
-                spill_bytes=-1, stack_bytes=res.get("STACK", 0), shared_bytes=res.get("SHARED", 0),
-                blocks_per_sm=blocks, occupancy=round(occ, 4), **s))
+            arch = int(m.group(1))
+            path = os.path.join(tmp, cubin)
+            usage = resource_usage(path)
+            for fname, body in sass_functions(_run([nvidia_tool("nvdisasm"), "-c", path])).items():
+                res = next((v for (_, f), v in usage.items() if f == fname), None)
+                if res is None:
+                    continue
+                warps = EXTENSION_WARPS  # csrc/cuda/prune_pack_cuda.cu: kThreads = 512 for every kernel
+                blocks, occ = occupancy(arch, warps, res["REG"], res.get("SHARED", 0))
+                stats.append(KernelStats(
+                    kernel=demangle(fname), config=fname, arch=arch, num_warps=warps, registers=res["REG"],
+                    spill_bytes=-1, stack_bytes=res.get("STACK", 0), shared_bytes=res.get("SHARED", 0),
+                    blocks_per_sm=blocks, occupancy=round(occ, 4), **sass_stats(body["instr"], body["labels"])))
     return stats
 
 
-def _short_name(mangled):
-    m = re.search(r"(\w+?_kernel)I(.*)EEvN", mangled)
-    if not m:
-        return mangled
-    tmpl = m.group(2).replace("N3c108BFloat16E", "bf16").replace("N3c104HalfE", "fp16").replace("f", "fp32")
-    return f"{m.group(1)}<{tmpl}>"
+def demangle(name):
+    """`spvit::prune_pack_kernel<c10::BFloat16, 8>` for a mangled kernel name (c++filt where present)."""
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return name
+    out = re.sub(r"\(anonymous namespace\)::", "", out or name)
+    return re.sub(r"\(.*\)$", "", out).replace("void ", "")
