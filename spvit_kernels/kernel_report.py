@@ -52,6 +52,8 @@ class KernelStats:
     occupancy: float  # resident warps / the SM's 64
     sass_total: int
     sass_loop: int  # instructions in the innermost loop bodies (0: no loop found)
+    loop_fp32: int  # of those, on the FP32 pipe (FFMA, FMUL, FADD, FMNMX, FSEL, FSETP)
+    loop_mufu: int  # of those, on the special-function unit (MUFU: exp2, rsqrt, ...)
     loops: int
     widest_load_bits: int
     widest_store_bits: int
@@ -131,6 +133,9 @@ def _innermost_loops(instr, labels):
     return [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
 
 
+_FP32_PIPE = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
+
+
 def _width(op, default=32):
     for w in (128, 64, 16, 8):
         if f".{w}" in op or f".U{w}" in op or f".S{w}" in op:
@@ -144,11 +149,14 @@ def sass_stats(instr, labels):
     loops = _innermost_loops(instr, labels)
     in_loop = {i for a, b in loops for i in range(a, b + 1)}  # two back edges may share a body
     loop_n = sum(1 for i in in_loop if instr[i][1] != "NOP")
+    loop_ops = [instr[i][1] for i in in_loop]
+    loop_fp32 = sum(op.startswith(_FP32_PIPE) for op in loop_ops)
+    loop_mufu = sum(op.startswith("MUFU") for op in loop_ops)
     loads = [_width(op) for _, op, _ in real if op.startswith(("LDG", "LDGSTS"))]
     stores = [_width(op) for _, op, _ in real if op.startswith("STG")]
     ops = [op for _, op, _ in real]
     return dict(
-        sass_total=len(real), sass_loop=loop_n, loops=len(loops),
+        sass_total=len(real), sass_loop=loop_n, loop_fp32=loop_fp32, loop_mufu=loop_mufu, loops=len(loops),
         widest_load_bits=max(loads, default=0), widest_store_bits=max(stores, default=0),
         mma=sum(op.startswith(("HMMA", "HGMMA")) for op in ops), hgmma=sum(op.startswith("HGMMA") for op in ops),
         ffma=sum(op.startswith("FFMA") for op in ops), mufu=sum(op.startswith("MUFU") for op in ops),
