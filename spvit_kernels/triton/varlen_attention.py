@@ -24,8 +24,8 @@ row; and every segment is clamped to [0, T], so bad cu_seqlens never read or wri
 head base pointers are 64-bit scalars; offsets inside a tile are 32-bit unless T * row stride >= 2**31
 (OFFSETS_64), which keeps per-element pointer arithmetic (and registers) small.
 
-Lowering (checked offline without a GPU, Triton 3.8, tests/test_varlen_attention.py compiles it for sm_80 and
-sm_90): 128-bit vector loads and stores, cp.async pipelining of the K/V tiles for images > 64 tokens, wgmma on
+Lowering (checked offline without a GPU, Triton 3.8: benchmarks/kernel_report.py compiles every bucket for
+sm_80 and sm_90, tests/test_kernel_report.py checks a subset): 128-bit vector loads and stores, cp.async pipelining of the K/V tiles for images > 64 tokens, wgmma on
 sm_90 for the 64-row tiles and mma.sync for the 16/32-row ones; float32 (IEEE) uses FMA.
 
 Tiles: BLOCK_M / BLOCK_N / num_warps / num_stages are constexpr buckets picked by `default_config` from
@@ -80,8 +80,8 @@ def default_config(max_seqlen, head_dim, dtype):
     later stages, ~75 tokens) use 32x32 tiles: 96x96 padded scores instead of 128x128. Longer images use
     64-row query tiles and 32-key tiles (224 keys for 197 tokens instead of 256), 2 pipeline stages.
     Every entry is compiled offline for sm_80 and sm_90 by benchmarks/kernel_report.py (Triton 3.8; results
-    in benchmarks/results/kernel_report.csv) and tests/test_kernel_report.py checks that none spills and
-    that the registers stay under the ceiling there. float32 runs its IEEE dots on CUDA cores (FMA), whose
+    in benchmarks/results/kernel_report-offline-sm80-sm90.csv); tests/test_kernel_report.py checks that
+    none of DeiT's spills and that the registers stay under the ceiling there. float32 runs its IEEE dots on CUDA cores (FMA), whose
     operands live in registers: smaller tiles. Not yet timed on a GPU: tune through `set_config_override`.
     """
     n = max(int(max_seqlen), 1)
