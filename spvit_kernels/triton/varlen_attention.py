@@ -91,7 +91,8 @@ def default_config(max_seqlen, head_dim, dtype):
         if n <= 16:
             return VarlenConfig(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1)
         # 32x16: 32x32 spills on sm_80 (d = 32: 96 registers, 24 bytes; d >= 80: 128 registers with 8 warps).
-        return VarlenConfig(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=stages)
+        # Two stages from 17 tokens on (one stage spills 24 bytes on sm_90 at d = 64).
+        return VarlenConfig(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     if n <= 16:
         return VarlenConfig(BLOCK_M=16, BLOCK_N=16, num_warps=1 if not wide else 2, num_stages=1)
     if n <= 32:
