@@ -209,7 +209,7 @@ def summary(rows):
 
 def markdown(summ):
     lines = ["| GPU | model | dense img/s | accelerated img/s | speedup | selectors (token_scores + prune_pack) "
-             "| token_scores modeled / floor |",
+             "| token_scores modeled / floor, stages 1/2/3 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for (gpu, model), s in summ.items():
         dense, accel = BATCH / (s["dense_us"] * 1e-6), BATCH / (s["accelerated_us"] * 1e-6)
