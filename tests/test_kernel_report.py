@@ -34,7 +34,7 @@ ARCHS = (80, 90)
 # Register ceilings per kernel (sm_80 / sm_90 alike): below 255 leaves the compiler room before it spills,
 # and keeps at least 2 blocks of 4 warps (or 8 of 1 warp) resident.
 REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_scores_combine": 64,
-                    "prune_pack": 128}
+                    "prune_pack": 128}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the previous token_scores per-head kernel, DeiT-S bf16, sm_80
 
@@ -97,7 +97,7 @@ def test_no_spills(report):
 
 def test_registers_under_ceiling(report):
     for r in report:
-        key = next(k for k in REGISTER_CEILING if k in r["kernel"])
+        key = next((k for k in REGISTER_CEILING if k in r["kernel"]), "prune_pack")  # the extension's kernels
         assert r["registers"] <= REGISTER_CEILING[key], f"{_name(r)}: {r['registers']} registers"
         assert r["blocks_per_sm"] >= 1
 
