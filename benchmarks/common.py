@@ -133,11 +133,15 @@ def assert_close_providers(results, reference_name, *, atol, rtol, what="output"
                 assert torch.equal(a.cpu(), b.cpu()), f"{name} disagrees with {reference_name} ({what} {i})"
 
 
-def write_csv(name, device, rows, extra_meta=None):
-    """Write rows (list of dicts) to results/<name>-<device>.csv with `# key: value` provenance lines."""
+def write_csv(name, device, rows, extra_meta=None, *, label=None):
+    """Write rows (list of dicts) to results/<name>-<device>.csv with `# key: value` provenance lines
+    (label, if given, replaces the device in the file name and the `device` line: e.g. for offline
+    compiles or models, which no device ran)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}-{device_label(device)}.csv")
+    path = os.path.join(RESULTS_DIR, f"{name}-{label or device_label(device)}.csv")
     meta = provenance(device)
+    if label:
+        meta["device"] = label
     meta.update(extra_meta or {})
     fields = []
     for row in rows:

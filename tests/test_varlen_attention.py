@@ -201,6 +201,14 @@ def test_triton_interpret_dtypes(dtype):
 
 
 @requires_triton_interpret
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_interpret_65_to_96_token_bucket(dtype):
+    """SPViT's later stages (~75 tokens): the 32x32-tile bucket, several key tiles per image."""
+    q, k, v, cu = make_qkv([75, 3, 66], 1, 32, dtype)
+    assert_matches_oracle(ops.varlen_attention(q, k, v, cu, backend="triton"), q, k, v, cu)
+
+
+@requires_triton_interpret
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_triton_interpret_head_dims(d):
     q, k, v, cu = make_qkv([40, 1, 2], 2, d, torch.float16)
@@ -249,6 +257,8 @@ def test_triton_interpret_64bit_offset_path(monkeypatch):
 
 
 def test_default_config_is_bucketed():
+    import triton
+
     from spvit_kernels.triton.varlen_attention import default_config
 
     for dtype in DTYPES:
@@ -259,7 +269,12 @@ def test_default_config_is_bucketed():
                     assert b >= 16 and b & (b - 1) == 0
                 assert cfg.num_warps in (1, 2, 4, 8) and cfg.num_stages >= 1
             # The length only picks a bucket: lengths inside one bucket share a compiled kernel.
-            assert default_config(70, d, dtype) == default_config(197, d, dtype)
+            assert default_config(100, d, dtype) == default_config(197, d, dtype)
+            assert default_config(65, d, dtype) == default_config(96, d, dtype)
+            if dtype != torch.float32:  # 65-96 tokens (SPViT's ~75-token stages) are not padded to 128
+                cfg = default_config(75, d, dtype)
+                assert triton.cdiv(75, cfg.BLOCK_M) * cfg.BLOCK_M <= 96
+                assert triton.cdiv(75, cfg.BLOCK_N) * cfg.BLOCK_N <= 96
             assert default_config(17, d, dtype) == default_config(32, d, dtype)
 
 
@@ -453,3 +468,31 @@ def test_gpu_64bit_offsets():
     assert_matches_oracle(out[tail].contiguous(), q[tail], k[tail], v[tail], cu_tail)
     head = slice(0, 4 * n)
     assert_matches_oracle(out[head].contiguous(), q[head], k[head], v[head], cu_tail)
+
+
+@requires_gpu
+def test_gpu_eager_call_with_max_seqlen_does_not_synchronise():
+    """Eager ops.varlen_attention with max_seqlen: no device-to-host copy of cu_seqlens (validation included)."""
+    q, k, v, cu = make_qkv([197, 75, 1], 6, 64, torch.bfloat16, "cuda")
+    ops.varlen_attention(q, k, v, cu, max_seqlen=197)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.varlen_attention(q, k, v, cu, max_seqlen=197)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_matches_oracle(out, q, k, v, cu)
+
+
+def test_validation_with_max_seqlen_leaves_gpu_seqlens_unread(monkeypatch):
+    """The check itself: with max_seqlen given, cu_seqlens that are not on the CPU are never read back."""
+    from spvit_kernels.ops import _validate
+
+    seen = []
+    monkeypatch.setattr(_validate, "read_seqlens", lambda cu, T, allow_sync=True, **kw: seen.append(allow_sync))
+    q, k, v, cu = make_qkv([5, 3], 2, 32, torch.float32)
+    meta = torch.empty_like(cu, device="meta")
+    monkeypatch.setattr(_validate, "check_seqlens_meta", lambda *a: None)
+    _validate.varlen_attention(q, k, v, meta, 5, None)
+    _validate.varlen_attention(q, k, v, cu, 5, None)
+    assert seen == [False, True]

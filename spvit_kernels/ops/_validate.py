@@ -238,6 +238,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, allow_fl
         softmax_scale = 1.0 / math.sqrt(d)
     elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    # Given max_seqlen, the op must not synchronise: cu_seqlens on a GPU are then not read back (CPU ones,
+    # free to read, are still checked).
+    if max_seqlen is not None and cu_seqlens.device.type != "cpu":
+        allow_sync = False
     lengths = read_seqlens(cu_seqlens, T, allow_sync=allow_sync)
     if lengths is not None:
         longest = max(lengths, default=0)

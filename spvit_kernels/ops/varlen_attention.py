@@ -25,7 +25,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, *
             (T, 3, H, d) qkv tensor) as long as the last dimension is contiguous. d in {32, 64, 80, 96, 128}.
         cu_seqlens: (B+1,) int32 on q's device; image b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1.
         max_seqlen: the longest image (an upper bound is fine). Given, the op never synchronises with
-            the GPU; None: it is read from cu_seqlens (one synchronisation on a GPU).
+            the GPU: GPU cu_seqlens are then not read back to be checked (the kernel clamps every image to
+            [0, T], so bad values give wrong numbers, never an out-of-bounds access); None: it is read from
+            cu_seqlens (one synchronisation on a GPU, which also checks them).
         softmax_scale: scale of q k^T before the softmax; default 1 / sqrt(d).
         backend: None (fastest for the device), "reference", "cpu", "triton".
 

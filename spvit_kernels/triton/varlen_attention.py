@@ -24,8 +24,8 @@ row; and every segment is clamped to [0, T], so bad cu_seqlens never read or wri
 head base pointers are 64-bit scalars; offsets inside a tile are 32-bit unless T * row stride >= 2**31
 (OFFSETS_64), which keeps per-element pointer arithmetic (and registers) small.
 
-Lowering (checked offline without a GPU, Triton 3.8, tests/test_varlen_attention.py compiles it for sm_80 and
-sm_90): 128-bit vector loads and stores, cp.async pipelining of the K/V tiles for images > 64 tokens, wgmma on
+Lowering (checked offline without a GPU, Triton 3.8: benchmarks/kernel_report.py compiles every bucket for
+sm_80 and sm_90, tests/test_kernel_report.py checks a subset): 128-bit vector loads and stores, cp.async pipelining of the K/V tiles for images > 64 tokens, wgmma on
 sm_90 for the 64-row tiles and mma.sync for the 16/32-row ones; float32 (IEEE) uses FMA.
 
 Tiles: BLOCK_M / BLOCK_N / num_warps / num_stages are constexpr buckets picked by `default_config` from
@@ -38,7 +38,9 @@ rounded to the input dtype for the P @ V dot (as FlashAttention does). float32 i
 switch: with `torch.backends.cuda.matmul.allow_tf32` False (PyTorch's default) both dots run in IEEE float32
 (input_precision="ieee", no tensor cores), so the result matches float32 PyTorch to ~1e-6; with it True they
 use TF32 tensor cores (10-bit mantissa inputs), giving errors around 1e-3 relative, like any TF32 matmul.
-Under TRITON_INTERPRET=1 (CPU) the dots run in numpy float32.
+Under TRITON_INTERPRET=1 (CPU) the dots run in numpy float32; with bfloat16 the interpreter (Triton 3.8)
+stores bfloat16 as raw uint16 bits and its tl.dot multiplies those bits, so there (UPCAST_DOTS) the operands,
+P already rounded to bfloat16, are upcast to float32 before each dot: the same products, exact in float32.
 
 Synchronisation: none when max_seqlen is given (the op can be captured in a CUDA graph). With max_seqlen None
 the longest image is read from cu_seqlens with one device-to-host copy; under CUDA graph capture that is
@@ -74,11 +76,13 @@ def default_config(max_seqlen, head_dim, dtype):
 
     Why these: for ViT lengths (31 / 75 / 123 / 197 tokens) a tile that matches the length wastes the fewest
     masked rows, and small tiles give more programs (B*H is only ~1.5k at B=256, H=6). Up to 64 tokens one
-    K/V tile covers the whole image, so there is no loop to pipeline (num_stages=1). Every entry below was
-    compiled offline for sm_90 and sm_80 (Triton 3.8, strides divisible by 16): on sm_90 <= 182 registers per
-    thread and no spills (one float32 tile: 8 bytes of stack); on sm_80 <= 248 registers and <= 32 bytes of
-    stack; <= 80 KiB of shared memory. float32 runs its IEEE dots on CUDA cores (FMA), whose operands live in
-    registers: smaller tiles. Not yet timed on a GPU: tune through `set_config_override`.
+    K/V tile covers the whole image, so there is no loop to pipeline (num_stages=1). 65-96 tokens (SPViT's
+    later stages, ~75 tokens) use 32x32 tiles: 96x96 padded scores instead of 128x128. Longer images use
+    64-row query tiles and 32-key tiles (224 keys for 197 tokens instead of 256), 2 pipeline stages.
+    Every entry is compiled offline for sm_80 and sm_90 by benchmarks/kernel_report.py (Triton 3.8; results
+    in benchmarks/results/kernel_report-offline-sm80-sm90.csv); tests/test_kernel_report.py checks that
+    none of DeiT's spills and that the registers stay under the ceiling there. float32 runs its IEEE dots on CUDA cores (FMA), whose
+    operands live in registers: smaller tiles. Not yet timed on a GPU: tune through `set_config_override`.
     """
     n = max(int(max_seqlen), 1)
     wide = triton.next_power_of_2(head_dim) > 64  # d = 80 / 96 / 128 use a 128-wide tile
@@ -86,12 +90,18 @@ def default_config(max_seqlen, head_dim, dtype):
     if dtype == torch.float32:
         if n <= 16:
             return VarlenConfig(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1)
-        return VarlenConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=stages)
+        # 32x16: 32x32 spills on sm_80 (d = 32: 96 registers, 24 bytes; d >= 80: 128 registers with 8 warps).
+        # Two stages from 17 tokens on (one stage spills 24 bytes on sm_90 at d = 64).
+        return VarlenConfig(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     if n <= 16:
         return VarlenConfig(BLOCK_M=16, BLOCK_N=16, num_warps=1 if not wide else 2, num_stages=1)
     if n <= 32:
         return VarlenConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return VarlenConfig(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=stages)
+    if n <= 64:
+        return VarlenConfig(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=1)
+    if n <= 96:
+        return VarlenConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
+    return VarlenConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
 
 
 _override = None
@@ -180,7 +190,7 @@ def _varlen_attention_fwd_kernel(
                     col_ok = (n0 + offs_n) < seqlen
                     kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST_DOTS:  # interpreter only: see _upcast_dots
+                    if UPCAST_DOTS:  # TRITON_INTERPRET=1 with bfloat16 only, see below
                         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=DOT_PRECISION)
                     else:
                         s = tl.dot(q, kt, input_precision=DOT_PRECISION)
@@ -224,13 +234,6 @@ def _needs_64bit_offsets(T, *tensors):
     return T * max(t.stride(0) for t in tensors) >= 2**31
 
 
-def _upcast_dots(dtype):
-    """True only under TRITON_INTERPRET=1 with bfloat16: the interpreter (Triton 3.8) stores bfloat16 as raw
-    uint16 bits and its tl.dot multiplies those bits. The operands (P already rounded to bfloat16) are then
-    upcast to float32 before each dot: the same products, exact in float32. The GPU path never takes it."""
-    return dtype == torch.bfloat16 and interpret_mode()
-
-
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     """Backend entry (arguments already validated; softmax_scale a float). See the module docstring."""
     T, H, d = q.shape
@@ -239,10 +242,12 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
         return out
     if max_seqlen is None:
         max_seqlen = _longest_segment(cu_seqlens)
-    cfg = get_config(max_seqlen, d, q.dtype)
+    meta = launch_meta(max_seqlen, d, q.dtype, interpret=interpret_mode(),
+                       offsets_64=_needs_64bit_offsets(T, q, k, v, out))
+    c = meta["constexprs"]
     B = cu_seqlens.shape[0] - 1
-    num_m_tiles = max(1, triton.cdiv(max_seqlen, cfg.BLOCK_M))
-    grid = (num_m_tiles * B * triton.cdiv(H, cfg.HEADS_PER_PROG),)
+    num_m_tiles = max(1, triton.cdiv(max_seqlen, c["BLOCK_M"]))
+    grid = (num_m_tiles * B * triton.cdiv(H, c["HEADS_PER_PROG"]),)
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_ctx:
         _varlen_attention_fwd_kernel[grid](
@@ -250,13 +255,20 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             T, H, num_m_tiles, float(softmax_scale) * _LOG2E,
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            HEADS_PER_PROG=cfg.HEADS_PER_PROG, DOT_PRECISION=_dot_precision(q.dtype),
-            UPCAST_DOTS=_upcast_dots(q.dtype), OFFSETS_64=_needs_64bit_offsets(T, q, k, v, out),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **c, num_warps=meta["num_warps"], num_stages=meta["num_stages"],
         )
     return out
 
 
-__all__ = ["VarlenConfig", "config_override", "default_config", "get_config", "set_config_override",
-           "varlen_attention_triton"]
+def launch_meta(max_seqlen, head_dim, dtype, *, interpret, offsets_64):
+    """The constexprs and launch options of one launch (also what spvit_kernels.kernel_report compiles)."""
+    cfg = get_config(max_seqlen, head_dim, dtype)
+    constexprs = dict(
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        HEADS_PER_PROG=cfg.HEADS_PER_PROG, DOT_PRECISION=_dot_precision(dtype),
+        UPCAST_DOTS=dtype == torch.bfloat16 and interpret, OFFSETS_64=offsets_64)
+    return dict(constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+__all__ = ["VarlenConfig", "config_override", "default_config", "get_config", "launch_meta",
+           "set_config_override", "varlen_attention_triton"]

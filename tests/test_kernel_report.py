@@ -1,0 +1,148 @@
+"""The GPU kernels as compiled offline for sm_80 and sm_90 (no GPU needed): resources and SASS checks.
+
+A representative subset of benchmarks/kernel_report.py (which writes the full table): varlen_attention in the
+tile buckets DeiT and SPViT's stages use, token_scores' two kernels for DeiT-S (every selector width compiles
+the same per-head kernel: d = 64), and, when the extension was built with CUDA, its prune_pack kernels.
+Checks: no spills; registers under a ceiling per kernel; shared memory within an A100's 163 KiB per block;
+128-bit global loads in the tiles and gathers; tensor-core MMA for every tl.dot on 16-bit data, exactly as
+many HMMA per loop trip on sm_80 as the dots' shapes need (no dot lowered to FMA, no operand recomputed per
+warp); token_scores' per-head kernel within half the SASS per row and head of its previous two-pass form
+(5,590 thread instructions per row and head for DeiT-S bf16 on sm_80, measured with this parser at 507195d).
+
+The compiles run in one subprocess without TRITON_INTERPRET (the interpreter replaces triton.language in this
+one); Triton's disk cache makes reruns fast. ~40 compiles, 30-60 s on one core.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# (dtype, head dim, max_seqlen): the DeiT head dim in every 16-bit bucket, the widest head dim in the longest
+# bucket, float32 (IEEE dots on FMA) at both ends.
+VARLEN_CASES = [("bfloat16", 64, n) for n in (16, 32, 64, 96, 256)] + [
+    ("float16", 128, 256), ("float16", 80, 96), ("float32", 64, 256), ("float32", 64, 64), ("float32", 128, 32)]
+TOKEN_SCORES_CASES = [("bfloat16", 384, 6), ("float16", 768, 12), ("float32", 384, 6)]
+ARCHS = (80, 90)
+
+# Register ceilings per kernel (sm_80 / sm_90 alike): below 255 leaves the compiler room before it spills,
+# and keeps at least 2 blocks of 4 warps (or 8 of 1 warp) resident.
+REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_scores_combine": 64,
+                    "prune_pack": 128}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
+SMEM_LIMIT_SM80 = 163 * 1024
+TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the previous token_scores per-head kernel, DeiT-S bf16, sm_80
+
+
+def _collect():
+    """Run in the subprocess: the stats of every case as JSON-able dicts."""
+    from spvit_kernels import kernel_report as kr
+    from spvit_kernels._ext import _C, build_info
+
+    out = []
+    for arch in ARCHS:
+        for dt, d, n in VARLEN_CASES:
+            s, c = kr.varlen_attention_stats(arch, DTYPES[dt], d, n)
+            out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
+        for dt, C, H in TOKEN_SCORES_CASES:
+            for s, c in kr.token_scores_stats(arch, DTYPES[dt], C, H):
+                out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
+    if build_info()["with_cuda"]:
+        out += [dict(s.row(), dtype="", constexprs={}) for s in kr.extension_stats(_C.__file__)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = "import json; from tests.test_kernel_report import _collect; print(json.dumps(_collect()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if proc.returncode != 0 and last.startswith(("ImportError", "ModuleNotFoundError", "FileNotFoundError")):
+        pytest.skip(f"offline compile tools not available: {last}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rows(report, prefix):
+    rows = [r for r in report if r["kernel"].startswith(prefix) or prefix in r["kernel"]]
+    return rows
+
+
+def _name(r):
+    return f"{r['kernel']} sm_{r['arch']} {r['config'][:90]}"
+
+
+def test_every_case_compiled(report):
+    triton_rows = [r for r in report if r["kernel"].startswith(("varlen", "token_scores"))]
+    assert len(triton_rows) == len(ARCHS) * (len(VARLEN_CASES) + 2 * len(TOKEN_SCORES_CASES))
+    for r in triton_rows:
+        assert r["sass_total"] > 50 and r["loops"] >= 1, _name(r)
+
+
+def test_no_spills(report):
+    for r in report:
+        if r["spill_bytes"] >= 0:  # Triton: ptxas -v on the PTX
+            assert r["spill_bytes"] == 0, f"{_name(r)}: {r['spill_bytes']} bytes of spills"
+        if r["kernel"].startswith(("varlen", "token_scores")):
+            assert r["local_mem_instr"] == 0, f"{_name(r)}: local memory instructions"
+
+
+def test_registers_under_ceiling(report):
+    for r in report:
+        key = next((k for k in REGISTER_CEILING if k in r["kernel"]), "prune_pack")  # the extension's kernels
+        assert r["registers"] <= REGISTER_CEILING[key], f"{_name(r)}: {r['registers']} registers"
+        assert r["blocks_per_sm"] >= 1
+
+
+def test_shared_memory_fits_sm80(report):
+    for r in report:
+        assert r["shared_bytes"] <= SMEM_LIMIT_SM80, f"{_name(r)}: {r['shared_bytes']} bytes"
+
+
+def test_128_bit_global_loads(report):
+    """Tiles (q/k/v, x) and the prune_pack gathers of 16-bit rows move 16 bytes per load instruction."""
+    for r in _rows(report, "varlen_attention") + _rows(report, "token_scores_head"):
+        assert r["widest_load_bits"] == 128, _name(r)
+    pp = [r for r in report if "prune_pack_kernel" in r["kernel"] and not r["kernel"].endswith(", 1>")]
+    for r in pp:  # the vectorised instantiations (8 x 16-bit, 4 x float32 per access)
+        assert r["widest_load_bits"] == 128 and r["widest_store_bits"] == 128, _name(r)
+
+
+def _hmma_per_trip(r):
+    """HMMA m16n8k16 instructions per warp that the kernel's dots need per loop trip (sm_80)."""
+    c = r["constexprs"]
+    if r["kernel"] == "varlen_attention":
+        m, n, d = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
+        dots = [(m, n, d), (m, d, n)]  # q @ k^T, p @ v
+    else:
+        m, d, d2, d4 = c["BLOCK_M"], c["BLOCK_D"], c["BLOCK_D2"], c["BLOCK_D4"]
+        dots = [(m, d2, d), (m, d2, d), (m, d2, d2), (m, d4, d2)]  # global / local halves, W1, W2
+    return sum((mm // 16) * (nn // 8) * (kk // 16) for mm, nn, kk in dots) // r["num_warps"]
+
+
+def test_tensor_core_mma_for_16_bit_dots(report):
+    for r in _rows(report, "varlen_attention") + _rows(report, "token_scores_head"):
+        if r["dtype"] == "float32":
+            assert r["mma"] == 0, f"{_name(r)}: IEEE float32 dots are expected on FMA"
+            continue
+        assert r["mma"] > 0, f"{_name(r)}: no tensor-core instruction"
+        if r["arch"] == 80:
+            assert r["mma"] >= _hmma_per_trip(r), f"{_name(r)}: {r['mma']} HMMA < {_hmma_per_trip(r)}"
+            if r["kernel"] == "token_scores_head":  # one warp, no unrolling: exactly the dots' count
+                assert r["mma"] == _hmma_per_trip(r), _name(r)
+
+
+def test_token_scores_sass_per_row_and_head_halved(report):
+    for r in _rows(report, "token_scores_head"):
+        if r["dtype"] == "float32" or r["arch"] != 80:
+            continue
+        per_row_head = r["sass_loop"] * r["num_warps"] * 32 / r["constexprs"]["BLOCK_M"]
+        assert per_row_head <= TWO_PASS_SASS_PER_ROW_HEAD / 2, f"{_name(r)}: {per_row_head:.0f}"
