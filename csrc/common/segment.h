@@ -41,4 +41,18 @@ SPVIT_HOST_DEVICE Segment segment(const int32_t* cu, int64_t b, int64_t T, int64
   return g;
 }
 
+// Rows of a top-k output, fixed by the shapes alone (so that eager, compiled and captured calls agree):
+// B * (1 + k + P + new_pkg) with k = min(num_keep, T - B * (1 + P)), the most candidates one image can have.
+// An image with fewer than k candidates leaves zero rows with src_index -1 after the last image.
+// -1 if that passes int32 (cu_seqlens_out could not index it).
+SPVIT_HOST_DEVICE int64_t topk_output_rows(int64_t B, int64_t T, int64_t P, int64_t new_pkg, int64_t num_keep) {
+  constexpr int64_t kMax = 2147483647;
+  if (B < 1 || T < 0 || P < 0 || num_keep < 0 || P > kMax || T > (int64_t(1) << 62) / (1 + P)) return -1;
+  const int64_t most = T - B * (1 + P) > 0 ? T - B * (1 + P) : 0;
+  const int64_t k = num_keep < most ? num_keep : most;
+  const int64_t per_image = 1 + P + new_pkg + k;  // < 2^62: no overflow
+  if (per_image > kMax / B) return -1;
+  return B * per_image;
+}
+
 }  // namespace spvit

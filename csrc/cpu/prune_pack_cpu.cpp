@@ -6,7 +6,8 @@
 // package rows, new package row (package != none)].
 //
 // Two passes over the images, each an at::parallel_for: (1) output rows per image (top-k: from
-// cu_seqlens; threshold: count the kept candidates), then a serial prefix sum; (2) per image the decision
+// cu_seqlens; threshold: count the kept candidates), then a serial prefix sum (top-k's total is fixed by
+// the shapes, see topk_output_rows); (2) per image the decision
 // (top-k by std::nth_element on a total order: higher score first, NaN last, ties to the lower index),
 // memcpy of the kept rows and fp32 (double for float64) pooling of the dropped ones.
 //
@@ -159,6 +160,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   const bool topk = mode == 1;
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   const int64_t new_pkg = package != 0 ? 1 : 0;
+  if (topk && total_rows < 0) {
+    total_rows = topk_output_rows(B, T, num_packages, new_pkg, num_keep);
+    TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
+                "): the top-k output would have more rows than int32 cu_seqlens can index");
+  }
 
   // Output rows per image, then their exclusive prefix sum.
   std::vector<int64_t> offsets(B + 1, 0);

@@ -490,6 +490,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   const at::Tensor prob = keep_prob.contiguous();
   const int new_pkg = package != 0 ? 1 : 0;
   const bool topk = mode == 1;
+  if (topk && total_rows < 0) {  // top-k's size is fixed by the shapes: no synchronisation
+    total_rows = topk_output_rows(B, T, num_packages, new_pkg, num_keep);
+    TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
+                "): the top-k output would have more rows than int32 cu_seqlens can index");
+  }
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   uint32_t thr_bits;
   std::memcpy(&thr_bits, &thr, sizeof(thr));
@@ -513,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
                                                offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total_rows < 0) {
-      // Threshold mode (or top-k without a size): the op's one synchronisation, to size the output.
+      // Threshold mode: the op's one synchronisation, to size the output.
       total_rows = offsets[B].item<int64_t>();
       TORCH_CHECK(total_rows <= kInt32Max, "cu_seqlens: the output would have ", total_rows,
                   " rows, more than int32 cu_seqlens can index");

@@ -15,8 +15,8 @@ def _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0
            package="mean", *, allow_sync, allow_float64=False):
     total_rows = _validate.prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
                                       num_keep, package, allow_sync=allow_sync, allow_float64=allow_float64)
-    return (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, float(threshold), num_keep, package,
-            total_rows)
+    return (x, _validate.dense_seqlens(cu_seqlens), keep_score, keep_prob, num_packages, mode, float(threshold),
+            num_keep, package, total_rows)
 
 
 def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
@@ -33,9 +33,9 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         keep_prob: (T,) float32 pooling weights of dropped rows.
         num_packages: package rows at the end of every image.
         mode: "threshold" (keep iff keep_score > threshold; NaN never kept) or "topk" (keep the
-            min(num_keep, n_b) best; ties to the lower index, NaN ranks lowest).
+            min(num_keep, n_b) best; ties to the lower index, NaN ranks lowest; see the output size below).
         threshold: the threshold of mode="threshold".
-        num_keep: candidates kept per image in mode="topk" (>= 0).
+        num_keep: candidates kept per image in mode="topk" (0 <= num_keep < 2**31).
         package: "mean" (keep_prob-weighted average of the dropped rows; zero if none or zero weight),
             "sum" (keep_prob-weighted sum), "none" (no new package row). Accumulated in float32.
         backend: None (fastest for the device), "reference", "cpu", "cuda".
@@ -44,13 +44,20 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         x_out: (T_out, C) in x's dtype; image b's rows are [cls, kept candidates in original order,
             old package rows, new package row (unless package="none")].
         cu_seqlens_out: (B+1,) int32.
-        src_index: (T_out,) int64, the row of x each output row copies; -1 for new package rows.
+        src_index: (T_out,) int64, the row of x each output row copies; -1 for new package rows (and for
+            the zero rows after cu_seqlens_out[-1] in top-k mode).
 
-    Synchronisation: threshold mode copies the output size to the host once. Top-k mode needs none:
-    on a GPU with unread cu_seqlens (CUDA graph capture, torch.compile, the raw torch.ops entry point) it
-    assumes every image has at least num_keep candidates, as in every SPViT model. If one has fewer, the
-    output still has B * (1 + num_keep + packages) rows: the rows after cu_seqlens_out[-1], which no image
-    owns, are zero rows with src_index -1.
+    Output size in top-k mode: fixed by the shapes alone, B * (1 + k + num_packages + new package row) rows
+    with k = min(num_keep, T - B * (1 + num_packages)) (the most candidates one image can have), on every
+    backend, eager and under torch.compile alike, so top-k needs no synchronisation and can be captured in
+    a CUDA graph. When an image has fewer than k candidates (it keeps them all), the rows after
+    cu_seqlens_out[-1], which no image owns, are zero rows with src_index -1. Equal-length images with at
+    least num_keep candidates (every SPViT model) fill every row. Threshold mode copies the output size to
+    the host once.
+
+    Errors: bad arguments raise a ValueError / TypeError naming the argument (also num_keep so large that
+    the output would pass int32 rows). The raw torch.ops.spvit.prune_pack entry point runs the same checks
+    except those on cu_seqlens' values on a GPU, and a schema type mismatch there is torch's RuntimeError.
     """
     args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package)
     return _library.call(OP, args, backend, _check)
@@ -62,9 +69,11 @@ _library.register_dispatch(OP, _check)
 @torch.library.register_fake("spvit::prune_pack")
 def _prune_pack_fake(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
                      package="mean"):
+    # Also what a call with a tensor on `meta` reaches: the same checks (devices included) as the kernels.
+    _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, allow_sync=False)
     B = cu_seqlens.shape[0] - 1
     if mode == "topk":
-        rows = B * (1 + num_packages + (package != "none") + num_keep)
+        rows = _validate.topk_output_rows(B, x.shape[0], num_packages, package, num_keep)
     else:
         rows = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((rows, x.shape[1])), cu_seqlens.new_empty((B + 1,)),

@@ -15,7 +15,7 @@ def _check(x, cu_seqlens, num_packages, num_heads, *weights, allow_sync, allow_f
     _validate.token_scores(x, cu_seqlens, num_packages, num_heads,
                            dict(zip(_validate.TOKEN_SCORES_WEIGHTS, weights)),
                            allow_sync=allow_sync, allow_float64=allow_float64)
-    return (x, cu_seqlens, num_packages, num_heads, *weights)
+    return (x, _validate.dense_seqlens(cu_seqlens), num_packages, num_heads, *weights)
 
 
 def token_scores(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2,
@@ -53,5 +53,7 @@ _library.register_dispatch(OP, _check)
 
 @torch.library.register_fake("spvit::token_scores")
 def _token_scores_fake(x, cu_seqlens, num_packages, num_heads, *weights):
+    # Also what a call with a tensor on `meta` reaches: the same checks (devices included) as the kernels.
+    _check(x, cu_seqlens, num_packages, num_heads, *weights, allow_sync=False)
     T = x.shape[0]
     return x.new_empty((T,), dtype=torch.float32), x.new_empty((T,), dtype=torch.float32)
