@@ -117,7 +117,8 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
     }
   });
 
-  // Rows past the last image (only when total_rows assumed more rows than cu_seqlens gives): zeros, -1.
+  // Rows past the last image (top-k's size is fixed by the shapes, see topk_output_rows; an image with
+  // fewer candidates leaves such rows): zeros, src_index -1.
   for (int64_t r = std::max<int64_t>(offsets[B], 0); r < total_rows; ++r) {
     if (row_bytes) std::memset(static_cast<void*>(out + r * C), 0, row_bytes);
     src_index[r] = -1;

@@ -426,8 +426,8 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
     if (tid == 0 && new_row < total_rows) p.src_index[new_row] = -1;
   }
 
-  // ---- rows past the last image but inside total_rows (only when the top-k no-sync assumption
-  // "every image has >= num_keep candidates" is false): zeros, src_index -1.
+  // ---- rows past the last image but inside total_rows (top-k's size is fixed by the shapes, see
+  // topk_output_rows: an image with fewer candidates leaves such rows): zeros, src_index -1.
   if (b == p.B - 1) {
     const int64_t produced = p.offsets != nullptr ? p.offsets[p.B] : new_row + new_pkg;
     if (produced < total_rows) {

@@ -7,6 +7,9 @@ under CUDA graph capture, while torch.compile traces, inside `unchecked_seqlens(
 accelerated models, whose cu_seqlens come from the ops themselves), and in the raw `torch.ops.spvit.*`
 entry points. Where it is skipped, the kernels still clamp every segment to [0, T], so bad values can
 give wrong numbers but never an out-of-bounds access.
+
+The same checks run in the ops' fake implementations, which is also what a raw call reaches when one of its
+tensors is on `meta`: a mix of devices raises there too instead of returning uninitialised tensors.
 """
 
 import contextlib
