@@ -33,3 +33,13 @@ def poison_like(t):
 
 def random_lengths(batch, low, high, generator=None):
     return torch.randint(low, high + 1, (batch,), generator=generator).tolist()
+
+
+def non_contiguous(t):
+    """The values of `t` as a non-contiguous view: every other element along the last dimension of a wider
+    buffer (whose other elements are poison), so a kernel that ignores strides reads wrong values."""
+    buf = poison_like(torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device))
+    view = buf[..., ::2]
+    view.copy_(t)
+    assert t.numel() <= 1 or not view.is_contiguous()
+    return view

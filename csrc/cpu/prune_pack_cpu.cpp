@@ -7,7 +7,8 @@
 // package row is not copied: the pooled row plus the old one (added in fp32) takes its place.
 //
 // Two passes over the images, each an at::parallel_for: (1) output rows per image (top-k: from
-// cu_seqlens; threshold: count the kept candidates), then a serial prefix sum; (2) per image the decision
+// cu_seqlens; threshold: count the kept candidates), then a serial prefix sum (top-k's total is fixed by
+// the shapes, see topk_output_rows); (2) per image the decision
 // (top-k by std::nth_element on a total order: higher score first, NaN last, ties to the lower index),
 // memcpy of the kept rows and fp32 (double for float64) pooling of the dropped ones.
 //
@@ -121,7 +122,8 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
     }
   });
 
-  // Rows past the last image (only when total_rows assumed more rows than cu_seqlens gives): zeros, -1.
+  // Rows past the last image (top-k's size is fixed by the shapes, see topk_output_rows; an image with
+  // fewer candidates leaves such rows): zeros, src_index -1.
   for (int64_t r = std::max<int64_t>(offsets[B], 0); r < total_rows; ++r) {
     if (row_bytes) std::memset(static_cast<void*>(out + r * C), 0, row_bytes);
     src_index[r] = -1;
@@ -171,6 +173,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   const int64_t new_pkg = package != 0 ? 1 : 0;
   const bool merge = package_merge == 1 && num_packages > 0;  // the pooled row replaces the old package row
+  if (topk && total_rows < 0) {
+    total_rows = topk_output_rows(B, T, num_packages, num_prefix, merge ? num_packages : num_packages + new_pkg,
+                                  num_keep);
+    TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
+                "): the top-k output would have more rows than int32 cu_seqlens can index");
+  }
 
   // Output rows per image, then their exclusive prefix sum.
   std::vector<int64_t> offsets(B + 1, 0);

@@ -441,8 +441,8 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
     if (tid == 0 && new_row < total_rows) p.src_index[new_row] = -1;
   }
 
-  // ---- rows past the last image but inside total_rows (only when the top-k no-sync assumption
-  // "every image has >= num_keep candidates" is false): zeros, src_index -1.
+  // ---- rows past the last image but inside total_rows (top-k's size is fixed by the shapes, see
+  // topk_output_rows: an image with fewer candidates leaves such rows): zeros, src_index -1.
   if (b == p.B - 1) {
     const int64_t produced = p.offsets != nullptr ? p.offsets[p.B] : new_row + new_pkg;
     if (produced < total_rows) {
@@ -512,6 +512,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   const int new_pkg = package != 0 ? 1 : 0;
   const int merge = (package_merge == 1 && num_packages > 0) ? 1 : 0;  // the pooled row replaces the old one
   const bool topk = mode == 1;
+  if (topk && total_rows < 0) {  // top-k's size is fixed by the shapes: no synchronisation
+    total_rows = topk_output_rows(B, T, num_packages, num_prefix, merge ? num_packages : num_packages + new_pkg,
+                                  num_keep);
+    TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
+                "): the top-k output would have more rows than int32 cu_seqlens can index");
+  }
   const float thr = static_cast<float>(threshold);  // compared in float32, like torch's `scores > threshold`
   uint32_t thr_bits;
   std::memcpy(&thr_bits, &thr, sizeof(thr));
@@ -536,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
         new_pkg, merge, total_rows, offsets.data_ptr<int64_t>(), cu_out.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total_rows < 0) {
-      // Threshold mode (or top-k without a size): the op's one synchronisation, to size the output.
+      // Threshold mode: the op's one synchronisation, to size the output.
       total_rows = offsets[B].item<int64_t>();
       TORCH_CHECK(total_rows <= kInt32Max, "cu_seqlens: the output would have ", total_rows,
                   " rows, more than int32 cu_seqlens can index");

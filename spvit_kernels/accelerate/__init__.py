@@ -15,11 +15,15 @@ cu_seqlens[b+1]-1, laid out [cls, kept patches in patch order, package tokens]):
 Synchronisation: top-k pruning needs none (every image keeps the same number of patches, so all sizes are
 known on the host): the forward can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
 Threshold pruning copies one count to the host per stage (the number of kept rows sizes the output).
+
+Inference-only (the fused ops have no backward): see inference_only.py for what a forward with autograd
+enabled does.
 """
 
 import torch
 
 from ..models import SPViT
+from .inference_only import InferenceOnly, would_record
 from .packed_block import packed_block
 
 __all__ = ["AcceleratedSPViT", "accelerate"]
@@ -31,9 +35,26 @@ class AcceleratedSPViT(SPViT):
 
     def forward(self, images, return_info=False):
         """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True
-        (info as in SPViT.forward)."""
+        (info as in SPViT.forward).
+
+        Inference-only: in training mode it raises; with autograd enabled the forward runs without recording
+        and the logits' backward raises a RuntimeError (the fused ops have no backward formulas)."""
         if self.training:
             raise RuntimeError("accelerated SPViT models are inference-only: call model.eval() first")
+        self.check_images(images)
+        if images.shape[0] == 0:  # no rows to pack (cu_seqlens needs B >= 1): the masked form on 0 images
+            with torch.no_grad():
+                return SPViT.forward(self, images, return_info)
+        anchor = would_record(self, images)
+        if anchor is None:
+            return self._forward_packed(images, return_info)
+        with torch.no_grad():
+            out = self._forward_packed(images, return_info)
+        if return_info:
+            return InferenceOnly.apply(out[0], anchor), out[1]
+        return InferenceOnly.apply(out, anchor)
+
+    def _forward_packed(self, images, return_info):
         cfg = self.config
         x = self.forward_stem(images)
         B, N0, C = x.shape

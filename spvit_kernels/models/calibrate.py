@@ -44,12 +44,19 @@ def calibrate_thresholds(model, images, keep_ratios=None):
 
     Ties and NaN: NaN scores are never kept; when equal scores straddle the target the count may differ
     from it by the number of tied scores.
+
+    Raises:
+        ValueError: images of the wrong shape, a batch of 0 images, or images whose candidates all score NaN
+            at some stage (e.g. all-NaN images): nothing to calibrate on.
     """
     if not isinstance(model, SPViT):
         raise TypeError(f"model must be an SPViT model from spvit_kernels.models, got {type(model).__name__}")
     if not torch.is_tensor(images) or images.dim() != 4:
         raise ValueError(f"images must be a (B, in_chans, H, W) tensor, got "
                          f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if images.shape[0] == 0:
+        raise ValueError("images: a batch of 0 images cannot calibrate thresholds")
+    model.check_images(images)
     cfg = model.config
     # The target counts are top-k's under these ratios; make_config validates them (one per selector,
     # decreasing, in (0, 1]) before the model is touched.
@@ -63,6 +70,9 @@ def calibrate_thresholds(model, images, keep_ratios=None):
             keep_score, candidates = model.stage_scores(images, s)
             B, P = keep_score.shape
             scores = keep_score[candidates & ~torch.isnan(keep_score)]  # NaN is never kept anyway
+            if scores.numel() == 0 and bool(candidates.any()):
+                raise ValueError(f"images: every keep score at stage {s} is NaN (NaN images or weights?); "
+                                 "no threshold can be calibrated on them")
             thresholds[s] = _threshold_for(scores.cpu(), target.num_keep(s, P) * B)
             model.config = dataclasses.replace(model.config, threshold=tuple(thresholds))
     except BaseException:

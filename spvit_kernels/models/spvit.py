@@ -64,8 +64,22 @@ class SPViT(nn.Module):
         """Patches kept by top-k pruning after `stage`: round(keep_ratios[stage] * num_patches)."""
         return self.config.num_keep(stage, num_patches)
 
+    def check_images(self, images):
+        """Raise a TypeError / ValueError naming `images` unless it is (B, in_chans, H, W) as the model expects
+        (H, W: the patch embedding's image size where it is fixed)."""
+        pe = self.vit.patch_embed
+        in_chans = pe.proj.in_channels
+        fixed = getattr(pe, "strict_img_size", False) and pe.img_size is not None
+        want = f"(B, {in_chans}, {pe.img_size[0]}, {pe.img_size[1]})" if fixed else f"(B, {in_chans}, H, W)"
+        if not torch.is_tensor(images):
+            raise TypeError(f"images must be a tensor of shape {want}, got {type(images).__name__}")
+        if (images.dim() != 4 or images.shape[1] != in_chans
+                or (fixed and tuple(images.shape[2:]) != tuple(pe.img_size))):
+            raise ValueError(f"images must have shape {want}, got {tuple(images.shape)}")
+
     def forward_stem(self, images):
         """images (B, in_chans, H, W) -> tokens (B, 1 + P, C): patch embed, cls, pos embed, norm_pre."""
+        self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)
         x = vit._pos_embed(x)

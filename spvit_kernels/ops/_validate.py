@@ -7,6 +7,9 @@ under CUDA graph capture, while torch.compile traces, inside `unchecked_seqlens(
 accelerated models, whose cu_seqlens come from the ops themselves), and in the raw `torch.ops.spvit.*`
 entry points. Where it is skipped, the kernels still clamp every segment to [0, T], so bad values can
 give wrong numbers but never an out-of-bounds access.
+
+The same checks run in the ops' fake implementations, which is also what a raw call reaches when one of its
+tensors is on `meta`: a mix of devices raises there too instead of returning uninitialised tensors.
 """
 
 import contextlib
@@ -68,17 +71,29 @@ def check_tensor(t, name, *, ndim=None, dtypes=None, device=None):
         raise ValueError(f"{name} must be on {device} like the tokens, got {t.device}")
 
 
-def check_int(v, name, *, minimum=None):
+# Row counts and indices of the outputs are int32 (cu_seqlens): no count may pass this.
+INT32_MAX = 2**31 - 1
+
+
+def check_int(v, name, *, minimum=None, maximum=None):
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {v}")
 
 
 def check_seqlens_meta(cu_seqlens, device):
     check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,), device=device)
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have B+1 >= 2 entries, got {cu_seqlens.shape[0]}")
+
+
+def dense_seqlens(cu_seqlens):
+    """cu_seqlens as the backends read it: contiguous (a strided view, e.g. t[::2], is copied: B+1 ints).
+    Every kernel indexes cu_seqlens[b] as a flat array, so this is done once here for all of them."""
+    return cu_seqlens.contiguous()
 
 
 def read_seqlens(cu_seqlens, total, *, num_prefix=0, num_packages=0, allow_sync=True):
@@ -180,7 +195,7 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         check_tensor(t, name, ndim=1, dtypes=(torch.float32,), device=x.device)
         if t.shape[0] != T:
             raise ValueError(f"{name} must have shape (T,) = ({T},) like x's rows, got {tuple(t.shape)}")
-    check_int(num_packages, "num_packages", minimum=0)
+    check_int(num_packages, "num_packages", minimum=0, maximum=INT32_MAX)
     if mode not in PRUNE_MODES:
         raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
     if package not in PACKAGE_MODES:
@@ -200,19 +215,27 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
     if mode == "topk":
         if num_keep is None:
             raise ValueError("num_keep is required when mode='topk'")
-        check_int(num_keep, "num_keep", minimum=0)
+        check_int(num_keep, "num_keep", minimum=0, maximum=INT32_MAX)
     elif num_keep is not None:
-        check_int(num_keep, "num_keep", minimum=0)
-    lengths = read_seqlens(cu_seqlens, T, num_prefix=num_prefix, num_packages=num_packages, allow_sync=allow_sync)
+        check_int(num_keep, "num_keep", minimum=0, maximum=INT32_MAX)
+    read_seqlens(cu_seqlens, T, num_prefix=num_prefix, num_packages=num_packages, allow_sync=allow_sync)
     if mode != "topk":
         return None
-    B = cu_seqlens.shape[0] - 1
-    extra = num_prefix + package_rows_out(num_packages, package, package_merge)
-    if lengths is None:
-        # No synchronisation allowed: every image is assumed to have >= num_keep candidates (true for the
-        # SPViT models, whose images all have the same length in top-k mode).
-        return B * (extra + num_keep)
-    return sum(extra + min(num_keep, n - num_prefix - num_packages) for n in lengths)
+    # Top-k's output size is fixed by the shapes (what the fake, and so torch.compile, assumes), not by
+    # the lengths: an image with fewer candidates than the others leaves zero rows (src_index -1) at the end.
+    rows = topk_output_rows(cu_seqlens.shape[0] - 1, T, num_packages, package, num_keep, package_merge, num_prefix)
+    if rows > INT32_MAX:
+        raise ValueError(f"num_keep = {num_keep}: the top-k output would have {rows} rows, more than int32 "
+                         "cu_seqlens can index")
+    return rows
+
+
+def topk_output_rows(B, T, num_packages, package, num_keep, package_merge="concat", num_prefix=1):
+    """Rows of prune_pack's output in top-k mode, a function of the shapes only: B * (num_prefix + k + package
+    rows out), k = min(num_keep, T - B * (num_prefix + num_packages)) (the most candidates one image can have).
+    Works on the symbolic sizes of torch.compile too."""
+    most = torch.sym_max(T - B * (num_prefix + num_packages), 0)
+    return B * (num_prefix + package_rows_out(num_packages, package, package_merge) + torch.sym_min(num_keep, most))
 
 
 # --- varlen_attention -----------------------------------------------------------------------------

@@ -16,8 +16,8 @@ def _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0
     total_rows = _validate.prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
                                       num_keep, package, package_merge, num_prefix,
                                       allow_sync=allow_sync, allow_float64=allow_float64)
-    return (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, float(threshold), num_keep, package,
-            total_rows, package_merge, num_prefix)
+    return (x, _validate.dense_seqlens(cu_seqlens), keep_score, keep_prob, num_packages, mode, float(threshold),
+            num_keep, package, total_rows, package_merge, num_prefix)
 
 
 def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
@@ -34,9 +34,9 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
         keep_prob: (T,) float32 pooling weights of dropped rows.
         num_packages: package rows at the end of every image.
         mode: "threshold" (keep iff keep_score > threshold; NaN never kept) or "topk" (keep the
-            min(num_keep, n_b) best; ties to the lower index, NaN ranks lowest).
+            min(num_keep, n_b) best; ties to the lower index, NaN ranks lowest; see the output size below).
         threshold: the threshold of mode="threshold".
-        num_keep: candidates kept per image in mode="topk" (>= 0).
+        num_keep: candidates kept per image in mode="topk" (0 <= num_keep < 2**31).
         package: "mean" (keep_prob-weighted average of the dropped rows; zero if none or zero weight),
             "sum" (keep_prob-weighted sum), "none" (no new package row). Accumulated in float32.
         package_merge: "concat" (the new package row is appended after the old ones) or "add" (one
@@ -52,13 +52,20 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
             order, old package rows, new package row (unless package="none")], or in "add" mode
             [prefix rows, kept candidates, the one (merged) package row].
         cu_seqlens_out: (B+1,) int32.
-        src_index: (T_out,) int64, the row of x each output row copies; -1 for new and merged package rows.
+        src_index: (T_out,) int64, the row of x each output row copies; -1 for new and merged package rows
+            (and for the zero rows after cu_seqlens_out[-1] in top-k mode).
 
-    Synchronisation: threshold mode copies the output size to the host once. Top-k mode needs none:
-    on a GPU with unread cu_seqlens (CUDA graph capture, torch.compile, the raw torch.ops entry point) it
-    assumes every image has at least num_keep candidates, as in every SPViT model. If one has fewer, the
-    output still has B * (num_prefix + num_keep + package rows) rows: the rows after cu_seqlens_out[-1],
-    which no image owns, are zero rows with src_index -1.
+    Output size in top-k mode: fixed by the shapes alone, B * (num_prefix + k + package rows) rows with
+    k = min(num_keep, T - B * (num_prefix + num_packages)) (the most candidates one image can have) and
+    package rows = 1 in "add" mode, else num_packages + the new row, on every backend, eager and under
+    torch.compile alike, so top-k needs no synchronisation and can be captured in a CUDA graph. When an
+    image has fewer than k candidates (it keeps them all), the rows after cu_seqlens_out[-1], which no
+    image owns, are zero rows with src_index -1. Equal-length images with at least num_keep candidates
+    (every SPViT model) fill every row. Threshold mode copies the output size to the host once.
+
+    Errors: bad arguments raise a ValueError / TypeError naming the argument (also num_keep so large that
+    the output would pass int32 rows). The raw torch.ops.spvit.prune_pack entry point runs the same checks
+    except those on cu_seqlens' values on a GPU, and a schema type mismatch there is torch's RuntimeError.
     """
     args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, package_merge,
             num_prefix)
@@ -71,9 +78,12 @@ _library.register_dispatch(OP, _check)
 @torch.library.register_fake("spvit::prune_pack")
 def _prune_pack_fake(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
                      package="mean", package_merge="concat", num_prefix=1):
+    # Also what a call with a tensor on `meta` reaches: the same checks (devices included) as the kernels.
+    _check(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, package_merge,
+           num_prefix, allow_sync=False)
     B = cu_seqlens.shape[0] - 1
     if mode == "topk":
-        rows = B * (num_prefix + _validate.package_rows_out(num_packages, package, package_merge) + num_keep)
+        rows = _validate.topk_output_rows(B, x.shape[0], num_packages, package, num_keep, package_merge, num_prefix)
     else:
         rows = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((rows, x.shape[1])), cu_seqlens.new_empty((B + 1,)),

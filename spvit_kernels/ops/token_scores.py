@@ -18,7 +18,7 @@ def _check(x, cu_seqlens, num_packages, num_heads, *weights_and_prefix, allow_sy
     _validate.token_scores(x, cu_seqlens, num_packages, num_heads,
                            dict(zip(_validate.TOKEN_SCORES_WEIGHTS, weights)), num_prefix,
                            allow_sync=allow_sync, allow_float64=allow_float64)
-    return (x, cu_seqlens, num_packages, num_heads, *weights, num_prefix)
+    return (x, _validate.dense_seqlens(cu_seqlens), num_packages, num_heads, *weights, num_prefix)
 
 
 def token_scores(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2,
@@ -60,5 +60,7 @@ _library.register_dispatch(OP, _check)
 
 @torch.library.register_fake("spvit::token_scores")
 def _token_scores_fake(x, cu_seqlens, num_packages, num_heads, *weights_and_prefix):
+    # Also what a call with a tensor on `meta` reaches: the same checks (devices included) as the kernels.
+    _check(x, cu_seqlens, num_packages, num_heads, *weights_and_prefix, allow_sync=False)
     T = x.shape[0]
     return x.new_empty((T,), dtype=torch.float32), x.new_empty((T,), dtype=torch.float32)

@@ -14,7 +14,7 @@ _registry.register_backend(OP, "reference", _ANY_DEVICE)(reference.varlen_attent
 def _check(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, *, allow_sync, allow_float64=False):
     _, max_seqlen, softmax_scale = _validate.varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, allow_sync=allow_sync, allow_float64=allow_float64)
-    return (q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return (q, k, v, _validate.dense_seqlens(cu_seqlens), max_seqlen, softmax_scale)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, *, backend=None):
@@ -43,4 +43,6 @@ _library.register_dispatch(OP, _check)
 
 @torch.library.register_fake("spvit::varlen_attention")
 def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None):
+    # Also what a call with a tensor on `meta` reaches: the same checks (devices included) as the kernels.
+    _check(q, k, v, cu_seqlens, max_seqlen, softmax_scale, allow_sync=False)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -55,7 +55,14 @@ def prune_pack_reference(x, cu_seqlens, keep_score, keep_prob, num_packages, mod
     src_index = torch.cat(sources).to(torch.int64)
     cu_out = torch.zeros(len(out_lengths) + 1, dtype=torch.int32)
     cu_out[1:] = torch.tensor(out_lengths, dtype=torch.int64).cumsum(0)
-    if total_rows is not None and total_rows != x_out.shape[0]:
-        raise ValueError(f"num_keep: every image must have at least num_keep = {num_keep} candidates when the "
-                         f"output size is fixed in advance ({total_rows} rows expected, {x_out.shape[0]} produced)")
+    if mode == "topk":
+        # The size is fixed by the shapes: rows no image owns (images with fewer than num_keep candidates)
+        # are zero, with src_index -1.
+        most = max(x.shape[0] - len(out_lengths) * (1 + num_packages), 0)
+        rows = len(out_lengths) * (1 + num_packages + (package != "none") + min(num_keep, most))
+        if total_rows is not None and total_rows != rows:
+            raise ValueError(f"total_rows = {total_rows}, but top-k mode gives {rows} rows")
+        pad = rows - x_out.shape[0]
+        x_out = torch.cat([x_out, x_out.new_zeros((pad, x.shape[1]))])
+        src_index = torch.cat([src_index, src_index.new_full((pad,), -1)])
     return x_out, cu_out.to(x.device), src_index

@@ -1,0 +1,223 @@
+"""Regression tests of edge cases that once answered wrongly or badly (bad inputs, strided index tensors, empty
+batches, top-k images with few candidates, autograd through the inference-only accelerated model)."""
+
+import copy
+
+import pytest
+import torch
+
+import spvit_kernels
+from spvit_kernels import accelerate, ops
+from spvit_kernels.models import calibrate_thresholds, create_model
+
+from .test_token_scores import make_tokens, make_weights
+from .utils import make_cu_seqlens, non_contiguous
+
+NUM_CLASSES = 10
+
+
+def _backends(op):
+    """Backends of `op` that run on CPU tensors here (triton only under the interpreter)."""
+    from spvit_kernels.ops import _registry
+
+    return [b for b in ops.available_backends(op) if "cpu" in _registry._BACKENDS[op][b].device_types()]
+
+
+def _strided(cu):
+    """The same values as `cu`, as a non-contiguous view."""
+    return non_contiguous(cu)
+
+
+# --- 1. a strided cu_seqlens gives the same answer on every backend and the raw entry point --------------------
+
+@pytest.mark.parametrize("backend", _backends("token_scores") + ["raw"])
+def test_token_scores_strided_cu_seqlens(backend):
+    H, d = 2, 16
+    x, cu = make_tokens([4, 0, 7], 1, H * d, torch.float32)
+    w = make_weights(H, d)
+    want = ops.token_scores(x, cu, 1, H, *w, backend="reference")
+    if backend == "raw":
+        got = torch.ops.spvit.token_scores(x, _strided(cu), 1, H, *w)
+    else:
+        got = ops.token_scores(x, _strided(cu), 1, H, *w, backend=backend)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", _backends("varlen_attention") + ["raw"])
+def test_varlen_attention_strided_cu_seqlens(backend):
+    q, k, v = torch.randn(3, 17, 1, 32).unbind(0)
+    cu = make_cu_seqlens([5, 9, 3])
+    want = ops.varlen_attention(q, k, v, cu, backend="reference")
+    if backend == "raw":
+        got = torch.ops.spvit.varlen_attention(q, k, v, _strided(cu))
+    else:
+        got = ops.varlen_attention(q, k, v, _strided(cu), backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _backends("prune_pack") + ["raw"])
+def test_prune_pack_strided_cu_seqlens(backend):
+    x = torch.randn(19, 8)
+    cu = make_cu_seqlens([6, 2, 11])
+    s, p = torch.randn(19), torch.rand(19)
+    want = ops.prune_pack(x, cu, s, p, 0, "threshold", backend="reference")
+    if backend == "raw":
+        got = torch.ops.spvit.prune_pack(x, _strided(cu), s, p, 0, "threshold")
+    else:
+        got = ops.prune_pack(x, _strided(cu), s, p, 0, "threshold", backend=backend)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+# --- 2. top-k with an image of fewer candidates than num_keep: one size, eager and compiled ----------------------
+
+def _few_candidates_batch():
+    """Images of 10, 2 and 10 candidates (+ cls + 1 package row); num_keep 5: image 1 keeps only 2."""
+    lengths = [12, 4, 12]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(lengths), 16, generator=g)
+    return x, make_cu_seqlens(lengths), torch.randn(x.shape[0], generator=g), torch.rand(x.shape[0], generator=g)
+
+
+def _topk(x, cu, s, p):
+    return torch.ops.spvit.prune_pack(x, cu, s, p, 1, "topk", 0.0, 5, "mean")
+
+
+@pytest.mark.parametrize("backend", _backends("prune_pack"))
+def test_topk_few_candidates_has_the_fixed_size(backend):
+    batch = _few_candidates_batch()
+    rows = 3 * (1 + 5 + 1 + 1)  # B * (cls + num_keep + old package + new package)
+    x_out, cu_out, src = ops.prune_pack(*batch, 1, "topk", num_keep=5, backend=backend)
+    assert x_out.shape == (rows, 16) and src.shape == (rows,)
+    assert cu_out.tolist() == [0, 8, 13, 21]
+    assert torch.equal(x_out[21:], torch.zeros(3, 16)) and src[21:].tolist() == [-1] * 3
+    raw = _topk(*batch)
+    for a, b in zip(raw, (x_out, cu_out, src)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_topk_few_candidates_compiled_matches_eager(compiler):
+    batch = _few_candidates_batch()
+    eager = ops.prune_pack(*batch, 1, "topk", num_keep=5)
+    torch._dynamo.reset()
+    compiled = torch.compile(_topk, fullgraph=True, backend=compiler)(*batch)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_topk_num_keep_beyond_every_image_is_bounded_by_the_shapes():
+    """num_keep larger than any image could hold: k = T - B * (1 + num_packages), not num_keep rows each."""
+    x, cu, s, p = _few_candidates_batch()
+    out = ops.prune_pack(x, cu, s, p, 1, "topk", num_keep=10**6, backend="reference")
+    assert out[0].shape[0] == 3 * (1 + 22 + 2)
+
+
+# --- 3. the accelerated model with autograd enabled: never silently wrong gradients -----------------------------
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    ref = create_model("spvit_deit_tiny", num_classes=NUM_CLASSES)
+    return ref, accelerate(copy.deepcopy(ref))
+
+
+def _images(batch, seed=0):
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def test_accelerated_backward_raises(models):
+    _, acc = models
+    images = _images(1)
+    with torch.no_grad():
+        want = acc(images)
+    logits = acc(images)  # grad mode on: the forward still works and gives the same logits
+    torch.testing.assert_close(logits, want, atol=0, rtol=0)
+    assert logits.requires_grad
+    with pytest.raises(RuntimeError, match="inference-only"):
+        logits.sum().backward()
+    assert all(p.grad is None for p in acc.parameters())
+    # Only the images require grad (a frozen model): still no silent answer.
+    frozen = copy.deepcopy(acc).requires_grad_(False)
+    logits, _ = frozen(images.clone().requires_grad_(), return_info=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        logits.sum().backward()
+    with torch.no_grad():
+        assert not acc(images).requires_grad
+
+
+# --- 4. / 7. batches of 0 images, images of the wrong shape ------------------------------------------------------
+
+def test_batch_of_zero_images(models):
+    ref, acc = models
+    empty = torch.zeros(0, 3, 224, 224)
+    with torch.no_grad():
+        assert ref(empty).shape == (0, NUM_CLASSES)
+        assert acc(empty).shape == (0, NUM_CLASSES)
+        logits, info = acc(empty, return_info=True)
+    assert logits.shape == (0, NUM_CLASSES) and info["num_kept"].shape == (3, 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (1, 3, 200, 200), (1, 1, 224, 224), (1, 3, 224)])
+def test_images_of_the_wrong_shape_are_named(models, shape):
+    for model in models:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"images must have shape \(B, 3, 224, 224\)"):
+            model(torch.zeros(shape))
+    with pytest.raises(TypeError, match="images"):
+        models[1]([[0.0]])
+
+
+# --- 5. calibrate_thresholds with nothing to calibrate on --------------------------------------------------------
+
+def test_calibrate_thresholds_refuses_empty_and_nan_batches(models):
+    ref = copy.deepcopy(models[0])
+    before = ref.config
+    with pytest.raises(ValueError, match="images: a batch of 0"):
+        calibrate_thresholds(ref, torch.zeros(0, 3, 224, 224))
+    with pytest.raises(ValueError, match="images: every keep score at stage 0 is NaN"):
+        calibrate_thresholds(ref, torch.full((2, 3, 224, 224), float("nan")))
+    assert ref.config == before
+    assert spvit_kernels.calibrate_thresholds is calibrate_thresholds
+
+
+# --- 6. raw entry points with a tensor on another device ----------------------------------------------------------
+
+def test_raw_ops_reject_tensors_on_meta():
+    H, d = 2, 16
+    x, cu = make_tokens([4, 3], 0, H * d, torch.float32)
+    w = make_weights(H, d)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    with pytest.raises(ValueError, match="cu_seqlens must be on cpu"):
+        torch.ops.spvit.token_scores(x, meta(cu), 0, H, *w)
+    with pytest.raises(ValueError, match="w2 must be on cpu"):
+        torch.ops.spvit.token_scores(x, cu, 0, H, *w[:6], meta(w[6]), *w[7:])
+    s, p = torch.randn(x.shape[0]), torch.rand(x.shape[0])
+    with pytest.raises(ValueError, match="cu_seqlens must be on cpu"):
+        torch.ops.spvit.prune_pack(x, meta(cu), s, p, 0, "topk", 0.0, 2, "mean")
+    with pytest.raises(ValueError, match="keep_prob must be on cpu"):
+        torch.ops.spvit.prune_pack(x, cu, s, meta(p), 0, "threshold")
+    q = x.view(-1, 1, 32)
+    with pytest.raises(ValueError, match="cu_seqlens must be on cpu"):
+        torch.ops.spvit.varlen_attention(q, q, q, meta(cu))
+    with pytest.raises(ValueError, match="v must be on cpu"):
+        torch.ops.spvit.varlen_attention(q, q, meta(q), cu)
+    # All on meta: shapes only, as torch.compile's tracing needs.
+    out = torch.ops.spvit.token_scores(meta(x), meta(cu), 0, H, *map(meta, w))
+    assert out[0].device.type == "meta" and out[0].shape == (x.shape[0],)
+
+
+# --- 7. num_keep out of range ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", _backends("prune_pack") + ["raw"])
+@pytest.mark.parametrize("num_keep", [2**31, 2**63 - 1])
+def test_num_keep_out_of_range_is_named(backend, num_keep):
+    batch = _few_candidates_batch()
+    with pytest.raises(ValueError, match="num_keep"):
+        if backend == "raw":
+            torch.ops.spvit.prune_pack(*batch, 1, "topk", 0.0, num_keep, "mean")
+        else:
+            ops.prune_pack(*batch, 1, "topk", num_keep=num_keep, backend=backend)
+    if backend != "raw":
+        with pytest.raises(ValueError, match="num_keep"):
+            ops.prune_pack(*batch, 1, "topk", num_keep=2**63, backend=backend)
