@@ -14,6 +14,7 @@ own shard (no image twice), counts are summed and the forward time is the slowes
 """
 
 import argparse
+import copy
 import json
 import sys
 
@@ -57,7 +58,7 @@ def parse_args(argv=None):
 def _build_model(args, device, dtype, calibration_images):
     """The accelerated model and, when asked, the reference one. Returns (models dict, threshold note)."""
     from . import accelerate
-    from .models import CheckpointError, SPViT, calibrate_thresholds, create_model, list_models, load_checkpoint
+    from .models import CheckpointError, calibrate_thresholds, create_model, list_models, load_checkpoint
 
     if args.model not in list_models():
         raise ValueError(f"--model must be one of {list_models()}, got {args.model!r}")
@@ -78,9 +79,13 @@ def _build_model(args, device, dtype, calibration_images):
             thresholds = calibrate_thresholds(model, calibration_images.to(device=device, dtype=dtype))
             note = (f"calibrated on the first {len(calibration_images)} images (the checkpoint has none): "
                     f"{tuple(round(t, 4) for t in thresholds)}")
-    reference = SPViT(model.vit, list(model.selectors), model.config).eval()
+    # accelerate() changes the model's class in place: a shallow copy taken before keeps the reference
+    # forward on the very same modules and config.
+    reference = copy.copy(model)
     models = {"accelerated": (accelerate(model), True)}
     if "dense" in args.compare:
+        if not isinstance(getattr(model, "vit", None), torch.nn.Module):
+            raise ValueError(f"--compare dense: {args.model} has no dense backbone (model.vit)")
         models["dense"] = (model.vit, False)
     if "reference" in args.compare:
         models["reference"] = (reference, True)
@@ -116,7 +121,8 @@ def run(args):
 
             progress = lambda it: tqdm(it, desc=f"evaluate {args.model}", unit="batch", file=sys.stderr)  # noqa: E731
         tallies, data_s, corrupt = evaluate_models(models, loader, device, dtype, config.num_stages, progress)
-        (corrupt, data_s_max) = all_reduce_pair(corrupt, data_s, device)
+        (corrupt,) = (int(c) for c in distributed.all_reduce([corrupt], "sum", device))
+        (data_s_max,) = distributed.all_reduce([data_s], "max", device)
         result = {"model": args.model, "checkpoint": args.checkpoint, "pruning": args.pruning, "dtype": args.dtype,
                   "device": str(device.type), "processes": world, "batch_size": args.batch_size,
                   "corrupt_skipped": corrupt, "data_loading_s": data_s_max, "threshold_note": note,
@@ -132,14 +138,6 @@ def run(args):
         return result if rank == 0 else None
     finally:
         distributed.teardown()
-
-
-def all_reduce_pair(corrupt, data_s, device):
-    from .evaluation.distributed import all_reduce
-
-    (corrupt,) = all_reduce([corrupt], "sum", device)
-    (data_s,) = all_reduce([data_s], "max", device)
-    return int(corrupt), data_s
 
 
 def format_result(r):
