@@ -5,9 +5,12 @@ import warnings
 import pytest
 import torch
 
-from spvit_kernels.models import CheckpointError, create_model, load_checkpoint, to_paper_state_dict
+from spvit_kernels.models import (CheckpointError, CheckpointFormat, SPViT, create_model, load_checkpoint,
+                                  to_paper_state_dict)
 
 NUM_CLASSES = 7  # small heads keep the models cheap
+# The smallest model of each family whose paper-layout round trip is tested (families join as they land).
+ROUND_TRIP_MODELS = ["spvit_deit_tiny"]
 
 
 def _model(seed, name="spvit_deit_tiny", **cfg):
@@ -45,17 +48,21 @@ def test_own_state_dict_round_trip(tmp_path):
     _assert_same_weights(src, dst)
 
 
+@pytest.mark.parametrize("name", ROUND_TRIP_MODELS)
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_paper_layout_round_trip_deit(tmp_path, wrapped):
-    src, dst = _model(3), _model(4)
+def test_paper_layout_round_trip(tmp_path, wrapped, name):
+    src, dst = _model(3, name), _model(4, name)
     paper = to_paper_state_dict(src)
-    # The paper's keys: timm backbone names without "vit.", one selector copy per head (3 heads).
-    assert "cls_token" in paper and "blocks.0.attn.qkv.weight" in paper and "head.weight" in paper
+    # The paper's keys: backbone names without our "vit." prefix, one selector copy per head.
+    H, d = src.selectors[0].num_heads, src.selectors[0].head_dim
+    assert "cls_token" in paper and "head.weight" in paper
     assert not any(k.startswith("vit.") or k.startswith("selectors.") for k in paper)
     assert "score_predictor.2.senet.2.bias" in paper
-    assert "score_predictor.0.in_conv.2.1.weight" in paper and "score_predictor.0.in_conv.3.1.weight" not in paper
-    assert paper["score_predictor.1.out_conv.0.4.weight"].shape == (2, 16)
-    assert paper["score_predictor.1.out_conv.1.4.weight"].data_ptr() != paper["score_predictor.1.out_conv.0.4.weight"].data_ptr()
+    assert f"score_predictor.0.in_conv.{H - 1}.1.weight" in paper
+    assert f"score_predictor.0.in_conv.{H}.1.weight" not in paper
+    assert paper["score_predictor.1.out_conv.0.4.weight"].shape == (2, d // 4)
+    copies = [paper[f"score_predictor.1.out_conv.{h}.4.weight"].data_ptr() for h in range(H)]
+    assert len(set(copies)) == H  # one tensor per head, as the paper's module holds
     obj = {"model": paper, "optimizer": {"state": {}}, "epoch": 30} if wrapped else paper
     path = tmp_path / "paper.pth"
     torch.save(obj, path)
@@ -69,9 +76,11 @@ def test_paper_layout_round_trip_deit(tmp_path, wrapped):
 
 def test_paper_selector_mapping_follows_the_spec():
     """The paper's module indices land on the parameters SPEC section 2 names (checked by hand, not by the
-    exporter): senet.0 = Linear(H, H//2), in_conv.h.0 = LayerNorm(d), out_conv.h.4 = Linear(d/4, 2)."""
+    exporter): senet.0 = Linear(H, H//2), in_conv.h.0 = LayerNorm(d), out_conv.h.4 = Linear(d/4, 2); DeiT's
+    backbone keys are timm's."""
     model = _model(5)
     paper = to_paper_state_dict(model)
+    assert set(k for k in paper if not k.startswith("score_predictor.")) == set(model.vit.state_dict())
     sel = model.selectors[1]
     assert torch.equal(paper["score_predictor.1.senet.0.weight"], sel.se1.weight)
     assert torch.equal(paper["score_predictor.1.senet.2.bias"], sel.se2.bias)
@@ -175,3 +184,23 @@ def test_bad_argument_type():
         warnings.simplefilter("error")
         with pytest.raises(CheckpointError, match="no tensors"):
             load_checkpoint(_model(19), {"epoch": 3})
+
+
+class _RenamedHeadSPViT(SPViT):
+    """A family whose published checkpoints call the classifier "classifier" instead of timm's "head"."""
+
+    checkpoint_format = CheckpointFormat(backbone_prefix="vit.", renames=(("classifier.", "head."),))
+
+
+def test_family_renames_apply_both_ways():
+    src, dst = _model(20), _model(21)
+    src.__class__ = dst.__class__ = _RenamedHeadSPViT
+    paper = to_paper_state_dict(src)
+    assert "classifier.weight" in paper and "head.weight" not in paper
+    load_checkpoint(dst, paper)
+    _assert_same_weights(src, dst)
+    backbone = {k: v for k, v in paper.items() if not k.startswith("score_predictor.")}
+    backbone["classifier.bias"] = backbone["classifier.bias"] + 1
+    with pytest.warns(UserWarning, match="backbone only"):
+        load_checkpoint(dst, backbone)
+    assert torch.equal(dst.vit.head.bias, src.vit.head.bias + 1)

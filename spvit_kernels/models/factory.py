@@ -30,7 +30,7 @@ def _split_cfg(cfg, allowed_extra=()):
             {k: v for k, v in cfg.items() if k in allowed_extra})
 
 
-def create_model(name, checkpoint=None, **cfg):
+def create_model(name, *, checkpoint=None, **cfg):
     """An SPViT-DeiT in eval mode, randomly initialised or loaded from `checkpoint` (nothing is downloaded).
 
     Args:
