@@ -165,7 +165,10 @@ def main(argv=None):
     try:
         result = run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error
+            message = message.splitlines()[-1].split(": ", 1)[-1]  # "module.ErrorType: message"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     if result is not None:
         print(format_result(result))

@@ -150,9 +150,9 @@ def test_errors(folder, checkpoint, tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["--data", str(folder), "--model", "spvit_nope"]) == 2
     assert "--model must be one of" in capsys.readouterr().err
-    with pytest.raises(Exception, match="cannot decode .*broken.png"):
-        from spvit_kernels.evaluation.data import open_image_folder
+    from spvit_kernels.evaluation.data import CorruptImageError, open_image_folder
 
+    with pytest.raises(CorruptImageError, match="cannot decode .*broken.png"):
         ds = open_image_folder(folder, on_corrupt="error")
         for i in range(len(ds)):
             ds[i]
@@ -163,3 +163,21 @@ def test_errors(folder, checkpoint, tmp_path, capsys):
                  "--num-classes", str(NUM_CLASSES), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint" in err and "wrong shape: vit.cls_token is (1, 1, 384)" in err
+
+
+@pytest.mark.parametrize("n,world", [(13, 2), (5, 3), (2, 4), (0, 2)])
+def test_shards_cover_every_index_once(n, world):
+    from spvit_kernels.evaluation.data import ShardSampler
+
+    shards = [list(ShardSampler(n, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert [len(ShardSampler(n, rank, world)) for rank in range(world)] == [len(s) for s in shards]
+
+
+def test_corrupt_image_error_from_a_worker(folder, checkpoint, capsys):
+    from spvit_kernels.evaluate import main
+
+    assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(checkpoint), "--num-classes",
+                 str(NUM_CLASSES), "--workers", "1", "--on-corrupt", "error"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --data: cannot decode") and "broken.png" in err
