@@ -1,5 +1,6 @@
 """Checkpoint import (spvit_kernels.models.load_checkpoint): our layout, the paper code's, a plain backbone."""
 
+import argparse
 import warnings
 
 import pytest
@@ -63,7 +64,9 @@ def test_paper_layout_round_trip(tmp_path, wrapped, name):
     assert paper["score_predictor.1.out_conv.0.4.weight"].shape == (2, d // 4)
     copies = [paper[f"score_predictor.1.out_conv.{h}.4.weight"].data_ptr() for h in range(H)]
     assert len(set(copies)) == H  # one tensor per head, as the paper's module holds
-    obj = {"model": paper, "optimizer": {"state": {}}, "epoch": 30} if wrapped else paper
+    # The paper code's training script saves its argparse arguments beside the model.
+    obj = {"model": paper, "optimizer": {"state": {}}, "epoch": 30, "args": argparse.Namespace(lr=5e-4, model="deit")}
+    obj = obj if wrapped else paper
     path = tmp_path / "paper.pth"
     torch.save(obj, path)
     result = load_checkpoint(dst, path)
@@ -132,12 +135,19 @@ def test_truncated_checkpoint_lists_every_missing_key():
     assert torch.equal(dst.vit.cls_token, src.vit.cls_token)
 
 
+class _Unsafe:
+    """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
 def test_unreadable_file(tmp_path):
     path = tmp_path / "truncated.pth"
     torch.save(to_paper_state_dict(_model(11)), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(_model(12), path)
+    torch.save({"model": to_paper_state_dict(_model(11)), "extra": _Unsafe()}, path)
+    with pytest.raises(CheckpointError, match="weights_only=False"):
         load_checkpoint(_model(12), path)
     with pytest.raises(FileNotFoundError, match="path_or_state_dict"):
         load_checkpoint(_model(12), tmp_path / "nope.pth")

@@ -17,6 +17,7 @@ the prefix of its backbone in our state_dict and the renames between the publish
 ours. The DeiT family (SPViT on timm) needs no renames.
 """
 
+import argparse
 import dataclasses
 import warnings
 from collections.abc import Mapping
@@ -98,9 +99,14 @@ def _read(path_or_state_dict):
     if not path.is_file():
         raise FileNotFoundError(f"path_or_state_dict: no checkpoint file at {str(path)!r}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of a truncated or foreign file
-        raise CheckpointError(f"path_or_state_dict: cannot read {str(path)!r} as a torch checkpoint ({e})") from e
+        # weights_only: no arbitrary code from the file. The paper code (DeiT's training script) saves its
+        # argparse.Namespace beside the model, so that one class is allowed too.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of a truncated or foreign file, or a refused class
+        raise CheckpointError(f"path_or_state_dict: cannot read {str(path)!r} as a torch checkpoint ({e}); a "
+                              "checkpoint you trust that holds other objects can be loaded with torch.load("
+                              "weights_only=False) and passed as a dict") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"path_or_state_dict: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj
