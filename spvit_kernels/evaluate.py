@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
     p.add_argument("--compare", default="", help="comma-separated: dense, reference")
-    p.add_argument("--limit", type=int, help="evaluate the first N files of the folder only (in ImageFolder order, corrupt ones included)")
+    p.add_argument("--limit", type=int,
+                   help="evaluate the first N files of the folder only (ImageFolder order, corrupt ones included)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",
                    help="an image that cannot be decoded: skip it (and count it) or stop with an error")
