@@ -143,8 +143,9 @@ setup(
     install_requires=["torch>=2.4", "timm>=0.9", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "timm", "triton"],
+        "test": ["pytest", "timm", "triton", "torchvision", "tqdm"],
         "bench": ["matplotlib", "tqdm", "pandas"],
+        "eval": ["torchvision", "tqdm", "pillow"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

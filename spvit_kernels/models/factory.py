@@ -30,13 +30,14 @@ def _split_cfg(cfg, allowed_extra=()):
             {k: v for k, v in cfg.items() if k in allowed_extra})
 
 
-def create_model(name, **cfg):
-    """A randomly initialised SPViT-DeiT in eval mode (no weights are downloaded).
+def create_model(name, *, checkpoint=None, **cfg):
+    """An SPViT-DeiT in eval mode, randomly initialised or loaded from `checkpoint` (nothing is downloaded).
 
     Args:
         name: one of list_models(): spvit_deit_tiny (192 channels, 3 heads), spvit_deit_small (384, 6),
             spvit_deit_base (768, 12), spvit_deit_256 (256, 4), spvit_deit_320 (320, 5); all depth 12,
             patch 16, 224 px, mlp_ratio 4, qkv_bias.
+        checkpoint: None, or a path / state dict for `load_checkpoint(model, checkpoint)` (strict).
         **cfg: pruning ("topk" | "threshold", default "topk"), keep_ratios (default (0.617, 0.369, 0.137)),
             selector_layers (default (3, 6, 9)), package ("mean" | "sum" | "none", default "mean"),
             threshold (default 0.0); num_classes (default 1000) and img_size (default 224) go to timm.
@@ -53,7 +54,12 @@ def create_model(name, **cfg):
     vit = VisionTransformer(img_size=timm_cfg.get("img_size", 224), patch_size=16,
                             num_classes=timm_cfg.get("num_classes", 1000), embed_dim=embed_dim, depth=12,
                             num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True)
-    return from_timm(vit, **prune_cfg)
+    model = from_timm(vit, **prune_cfg)
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model
 
 
 def _check_vit(vit):
