@@ -58,8 +58,9 @@ def prune_pack_reference(x, cu_seqlens, keep_score, keep_prob, num_packages, mod
     if mode == "topk":
         # The size is fixed by the shapes: rows no image owns (images with fewer than num_keep candidates)
         # are zero, with src_index -1.
-        most = max(x.shape[0] - len(out_lengths) * (1 + num_packages), 0)
-        rows = len(out_lengths) * (1 + num_packages + (package != "none") + min(num_keep, most))
+        most = max(x.shape[0] - len(out_lengths) * (num_prefix + num_packages), 0)
+        package_rows = 1 if package_merge == "add" else num_packages + (package != "none")
+        rows = len(out_lengths) * (num_prefix + package_rows + min(num_keep, most))
         if total_rows is not None and total_rows != rows:
             raise ValueError(f"total_rows = {total_rows}, but top-k mode gives {rows} rows")
         pad = rows - x_out.shape[0]
