@@ -437,6 +437,15 @@ def oracle_prune_pack(x, cu, score, prob, num_packages, mode, threshold, num_kee
             image_src.append(-1)
         src += image_src
         cu_out.append(cu_out[-1] + len(image_src))
+    if mode == "topk":
+        # Top-k's output size is fixed by the shapes (SPEC section 4): the most candidates one image can have
+        # bounds k, and the rows no image owns are zeros with src -1.
+        B = len(bounds) - 1
+        k = min(num_keep, max(x.shape[0] - B * (num_prefix + num_packages), 0))
+        package_rows = 1 if package_merge == "add" else num_packages + (package != "none")
+        pad = B * (num_prefix + package_rows + k) - len(src)
+        rows += [torch.zeros(x.shape[1], dtype=torch.float64)] * pad
+        src += [-1] * pad
     out = torch.stack(rows) if rows else torch.zeros(0, x.shape[1], dtype=torch.float64)
     return out, cu_out, src
 

@@ -32,4 +32,7 @@ def all_reduce(values, op, device):
 
 def teardown():
     if dist.is_available() and dist.is_initialized():
+        # A rank that tears down while a peer still drains the last collective closes the gloo connection
+        # under it (the peer then aborts): meet once more first, then leave together.
+        dist.barrier()
         dist.destroy_process_group()
