@@ -279,30 +279,6 @@ BAD_SEQLENS = [[0, 9, 4, 16], [0, 40, 50, 60], [0, -5, 3, 16], [0, 16, 16, 16], 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bounds", BAD_SEQLENS, ids=str)
-@pytest.mark.parametrize("mode", [0, 1])
-def test_native_unchecked_bad_seqlens_stay_in_bounds(backend, bounds, mode):
-    """Unvalidated cu_seqlens (as under CUDA-graph capture): any numbers, but no crash or out-of-bounds write."""
-    fn = _native_for(backend)
-    dev = DEVICE[backend]
-    T, P, k = 16, 2, 3
-    x = torch.randn(T, 24, device=dev)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
-    s, p = torch.randn(T, device=dev), torch.rand(T, device=dev)
-    B = len(bounds) - 1
-    for total in ([-1, 5, B * (1 + P + 1 + k)] if mode == 1 else [-1]):
-        x_out, cu_out, src = fn(x, cu, s, p, P, mode, 0.0, k, 2, total)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        rows = x_out.shape[0]
-        assert total < 0 or rows == total
-        assert src.shape == (rows,) and cu_out.shape == (B + 1,)
-        assert int(cu_out.min()) >= 0 and int(cu_out.max()) <= rows
-        assert bool(((src >= -1) & (src < T)).all())
-        assert not torch.isnan(x_out).any()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_native_topk_assumed_size_pads_with_zero_rows(backend):
     """total_rows assumed B*(extra+num_keep) but an image has fewer candidates: the tail is zeros, src -1."""
     fn = _native_for(backend)
@@ -352,10 +328,15 @@ def _bad_input_cases():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", range(10))
 def test_bad_input_raises_with_argument_name(backend, case):
+    _expect_error_naming_argument(backend, *_bad_input_cases(), case)
+
+
+def _expect_error_naming_argument(backend, good, cases, case):
+    """Run prune_pack with `good` changed by cases[case] = (name, exception, change): it raises, naming `name`."""
     _need(backend)
-    good, cases = _bad_input_cases()
     name, exc, change = cases[case]
-    kwargs = {k: (v.to(DEVICE[backend]) if isinstance(v, torch.Tensor) else v) for k, v in {**good, **change}.items()}
+    kwargs = {k: (v.to(DEVICE.get(backend, "cpu")) if isinstance(v, torch.Tensor) else v)
+              for k, v in {**good, **change}.items()}
     with pytest.raises(exc, match=name):
         ops.prune_pack(**kwargs, backend=backend)
 
@@ -547,17 +528,21 @@ def test_native_rejects_bad_prefix_and_merge(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bounds", BAD_SEQLENS, ids=str)
-@pytest.mark.parametrize("merge,num_prefix", [(0, 0), (1, 5), (1, 100)])
-def test_native_unchecked_bad_seqlens_with_prefix_stay_in_bounds(backend, bounds, merge, num_prefix):
+@pytest.mark.parametrize("P,merge,num_prefix", [(2, 0, 1), (1, 0, 0), (1, 1, 5), (1, 1, 100)])
+def test_native_unchecked_bad_seqlens_stay_in_bounds(backend, bounds, P, merge, num_prefix):
+    """Unvalidated cu_seqlens (as under CUDA-graph capture): any numbers, but no crash or out-of-bounds write,
+    also with prefix rows (more than an image has, too) and the add-mode package row."""
     fn = _native_for(backend)
     dev = DEVICE[backend]
-    T, P, k = 16, 1, 3
+    T, k = 16, 3
     x = torch.randn(T, 24, device=dev)
     cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
     s, p = torch.randn(T, device=dev), torch.rand(T, device=dev)
     B = len(bounds) - 1
-    for mode, total in ((0, -1), (1, -1), (1, 5), (1, B * (num_prefix + 2 + k))):
+    for mode, total in ((0, -1), (1, -1), (1, 5), (1, B * (num_prefix + P + 1 + k))):
         x_out, cu_out, src = fn(x, cu, s, p, P, mode, 0.0, k, 2, total, merge, num_prefix)
+        if dev == "cuda":
+            torch.cuda.synchronize()
         rows = x_out.shape[0]
         assert total < 0 or rows == total
         assert src.shape == (rows,) and cu_out.shape == (B + 1,)
@@ -583,13 +568,7 @@ def _bad_prefix_merge_cases():
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("case", range(7))
 def test_bad_prefix_and_merge_raise_with_argument_name(backend, case):
-    _need(backend)
-    good, cases = _bad_prefix_merge_cases()
-    name, exc, change = cases[case]
-    kwargs = {k: (v.to(DEVICE.get(backend, "cpu")) if isinstance(v, torch.Tensor) else v)
-              for k, v in {**good, **change}.items()}
-    with pytest.raises(exc, match=name):
-        ops.prune_pack(**kwargs, backend=backend)
+    _expect_error_naming_argument(backend, *_bad_prefix_merge_cases(), case)
 
 
 def test_opcheck_prefix_and_merge():

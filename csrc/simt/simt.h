@@ -725,60 +725,31 @@ inline std::common_type_t<A, B> max(A a, B b) {
 
 // --- atomics (the threads of a launch never run at the same time, so plain read-modify-write is atomic) ----
 
-template <class T>
-inline T atomicAdd(T* p, T v) {
+// Every atomic is one read-modify-write that returns the old value; `f` maps the old value to the new one.
+template <class T, class F>
+inline T atomic_rmw(T* p, F f) {
   const T old = *p;
-  *p = old + v;
+  *p = f(old);
   return old;
 }
 template <class T>
-inline T atomicSub(T* p, T v) {
-  const T old = *p;
-  *p = old - v;
-  return old;
-}
+inline T atomicAdd(T* p, T v) { return atomic_rmw(p, [v](T o) { return o + v; }); }
 template <class T>
-inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? v : old;
-  return old;
-}
+inline T atomicSub(T* p, T v) { return atomic_rmw(p, [v](T o) { return o - v; }); }
 template <class T>
-inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
-}
+inline T atomicMax(T* p, T v) { return atomic_rmw(p, [v](T o) { return o < v ? v : o; }); }
 template <class T>
-inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
-}
+inline T atomicMin(T* p, T v) { return atomic_rmw(p, [v](T o) { return v < o ? v : o; }); }
 template <class T>
-inline T atomicCAS(T* p, T expected, T v) {
-  const T old = *p;
-  if (old == expected) *p = v;
-  return old;
-}
+inline T atomicExch(T* p, T v) { return atomic_rmw(p, [v](T) { return v; }); }
 template <class T>
-inline T atomicAnd(T* p, T v) {
-  const T old = *p;
-  *p = old & v;
-  return old;
-}
+inline T atomicCAS(T* p, T expected, T v) { return atomic_rmw(p, [=](T o) { return o == expected ? v : o; }); }
 template <class T>
-inline T atomicOr(T* p, T v) {
-  const T old = *p;
-  *p = old | v;
-  return old;
-}
+inline T atomicAnd(T* p, T v) { return atomic_rmw(p, [v](T o) { return static_cast<T>(o & v); }); }
 template <class T>
-inline T atomicXor(T* p, T v) {
-  const T old = *p;
-  *p = old ^ v;
-  return old;
-}
+inline T atomicOr(T* p, T v) { return atomic_rmw(p, [v](T o) { return static_cast<T>(o | v); }); }
+template <class T>
+inline T atomicXor(T* p, T v) { return atomic_rmw(p, [v](T o) { return static_cast<T>(o ^ v); }); }
 
 // --- half and bfloat16 (round to nearest even, as the CUDA intrinsics) --------------------------------------
 

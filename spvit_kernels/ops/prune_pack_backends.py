@@ -3,7 +3,7 @@ csrc/cuda/prune_pack_cuda.cu) and "cuda_simt" (the same CUDA C++ kernels and lau
 SIMT layer, csrc/simt/; for tests, never picked by backend=None; see spvit_kernels.ops.simt). Each registers
 itself only when this build has its kernel.
 
-Both receive the validated tuple of spvit_kernels.ops.prune_pack._check:
+Each receives the validated tuple of spvit_kernels.ops.prune_pack._check:
     (x (T, C), cu_seqlens (B+1,) int32, keep_score (T,) f32, keep_prob (T,) f32, num_packages, mode,
      threshold, num_keep, package, total_rows, package_merge, num_prefix)
 and return (x_out (T_out, C), cu_seqlens_out (B+1,) int32, src_index (T_out,) int64).
@@ -33,31 +33,27 @@ def _native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thres
             -1 if total_rows is None else int(total_rows), MERGE_CODES[package_merge], int(num_prefix))
 
 
+def _register_native(name, kernel, devices, doc):
+    """Register `kernel` (a native entry point taking csrc/spvit.h's argument order) as backend `name`."""
+
+    def backend(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+                package="mean", total_rows=None, package_merge="concat", num_prefix=1):
+        return kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep,
+                                    package, total_rows, package_merge, num_prefix))
+
+    backend.__name__ = backend.__qualname__ = f"prune_pack_{name}"
+    backend.__doc__ = doc + " (see spvit_kernels.ops.prune_pack for the shapes)."
+    return _registry.register_backend(OP, name, devices)(backend)
+
+
 if _cpu_kernel is not None:
-
-    @_registry.register_backend(OP, "cpu", lambda: {"cpu"})
-    def prune_pack_cpu(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                       package="mean", total_rows=None, package_merge="concat", num_prefix=1):
-        """C++ kernel: at::parallel_for over images (see spvit_kernels.ops.prune_pack for the shapes)."""
-        return _cpu_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                         num_keep, package, total_rows, package_merge, num_prefix))
-
-
+    prune_pack_cpu = _register_native("cpu", _cpu_kernel, lambda: {"cpu"},
+                                      "C++ kernel: at::parallel_for over images")
 if _cuda_kernel is not None:
-
-    @_registry.register_backend(OP, "cuda", lambda: {"cuda"} if torch.cuda.is_available() else set())
-    def prune_pack_cuda(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                        package="mean", total_rows=None, package_merge="concat", num_prefix=1):
-        """CUDA C++ kernel on the current stream (see spvit_kernels.ops.prune_pack for the shapes)."""
-        return _cuda_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                          num_keep, package, total_rows, package_merge, num_prefix))
-
-
+    prune_pack_cuda = _register_native("cuda", _cuda_kernel,
+                                       lambda: {"cuda"} if torch.cuda.is_available() else set(),
+                                       "CUDA C++ kernel on the current stream")
 if _simt_kernel is not None:
-
-    @_registry.register_backend(OP, "cuda_simt", lambda: {"cpu"})
-    def prune_pack_cuda_simt(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
-                             package="mean", total_rows=None, package_merge="concat", num_prefix=1):
-        """The CUDA kernels executed on CPU tensors, under the schedule of spvit_kernels.ops.simt (slow)."""
-        return _simt_kernel(*_native_args(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold,
-                                          num_keep, package, total_rows, package_merge, num_prefix))
+    prune_pack_cuda_simt = _register_native("cuda_simt", _simt_kernel, lambda: {"cpu"},
+                                            "The CUDA kernels executed on CPU tensors, under the schedule of "
+                                            "spvit_kernels.ops.simt (slow)")
