@@ -8,7 +8,9 @@ Pruning modes: top-k at the default cumulative keep ratios (0.617, 0.369, 0.137)
 per-stage thresholds calibrated on a separate batch so that the mean keep matches those ratios.
 
 Reported: images/s (batch / median time of several timed rounds after warm-up; the three providers take
-turns within each round), peak memory (GPU), tokens per image after each stage, and speedups. Before
+turns within each round), peak memory (GPU), tokens per image after each stage, speedups, and each
+provider's GFLOPs per image (benchmarks/flops.py) with the FLOP ceiling dense GFLOPs / provider GFLOPs:
+the speedup over dense that the matmul work alone would allow. Before
 timing, the accelerated model is checked against the reference: in float32 the logits must agree within
 1e-4 of their scale (else nothing is timed); in bf16 / fp16 a token whose score sits within rounding of
 the decision boundary may flip, so top-1 agreement and the logit error are recorded, and only a gross
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from flops import forward_gflops  # noqa: E402
 
 from spvit_kernels import accelerate  # noqa: E402
 from spvit_kernels.models import calibrate_thresholds, create_model  # noqa: E402
@@ -136,12 +139,15 @@ def bench_model(short, mode, args, device, dtype, bar):
         tokens = [round(float(t), 1) for t in info_acc["num_tokens"].float().mean(dim=1)]
         providers = {"dense": lambda: dense(images), "reference": lambda: reference(images),
                      "accelerated": lambda: accelerated(images)}
+        gflops = {provider: forward_gflops(fn) / args.batch for provider, fn in providers.items()}
         seconds = time_interleaved(providers, device, args.runs, args.warmup)
         for provider, fn in providers.items():
             rows.append({
                 "model": name, "mode": mode, "provider": provider, "batch": args.batch,
                 "dtype": str(dtype).replace("torch.", ""), "images_per_s": round(args.batch / seconds[provider], 1),
                 "ms_per_batch": round(seconds[provider] * 1e3, 2), "peak_mem_MiB": peak_memory_mib(fn, device),
+                "gflops_per_image": round(gflops[provider], 3),
+                "flop_ceiling_vs_dense": round(gflops["dense"] / gflops[provider], 2),
                 "tokens_per_stage": "/".join(str(t) for t in tokens) if provider == "accelerated" else "",
                 "top1_agreement": round(top1, 4) if provider == "accelerated" else "",
                 "max_rel_logit_err": f"{err:.2e}" if provider == "accelerated" else "",
@@ -156,7 +162,7 @@ def bench_model(short, mode, args, device, dtype, bar):
 
 def print_table(rows):
     cols = ["model", "mode", "provider", "images_per_s", "ms_per_batch", "peak_mem_MiB", "speedup_vs_dense",
-            "speedup_vs_reference", "tokens_per_stage"]
+            "flop_ceiling_vs_dense", "speedup_vs_reference", "tokens_per_stage"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
