@@ -8,7 +8,8 @@ add what it does not count:
   spvit::varlen_attention             4 * sum over images of n_b^2 * H * d (only the tokens each image keeps)
   spvit::token_scores                 per scored row and head: the d->d, d->d/2, d/2->d/4, d/4->2 linears;
                                       per row: the SE branch H->H/2->H
-  spvit::prune_pack                   2 * C per pooled (dropped) row: the weighted package sum
+  spvit::prune_pack                   2 * C per row not copied (dropped, and so pooled; with package
+                                      "add" also the old package row): the weighted package sum
 Element-wise work (LayerNorm, GELU, softmax, residual adds) is left out on both sides, as FLOP counts
 of ViTs usually do, so the ratio dense / pruned is the speedup that the matmul work alone would give.
 """
@@ -51,10 +52,12 @@ def _register_formulas():
         return T * (num_heads * per_head + se)
 
     @register_flop_formula(torch.ops.spvit.prune_pack, get_raw=True)
-    def _prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, *args, out_val=None, **kwargs):
-        x_out = out_val[0]
-        # Rows in minus rows copied out = the dropped rows pooled (a bound when no package row is made).
-        return 2 * max(x.shape[0] - x_out.shape[0], 0) * x.shape[1]
+    def _prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold=0.0, num_keep=None,
+                    package="mean", *args, out_val=None, **kwargs):
+        if package == "none":
+            return 0
+        copied = int((out_val[2] >= 0).sum())  # src_index: the input row of every copied output row
+        return 2 * (x.shape[0] - copied) * x.shape[1]  # every row not copied is pooled
 
 
 def forward_gflops(fn):
