@@ -1,6 +1,7 @@
 """Reference SPViT models (SPEC sections 2 and 5): timm DeiT/ViT + token selectors, official masked form.
 
-    create_model(name, **cfg) -> SPViT      spvit_deit_tiny / _small / _base / _256 / _320, random init
+    create_model(name, **cfg) -> SPViT      spvit_deit_tiny / _small / _base / _256 / _320 (and _distilled),
+                                            spvit_lvvit_s / _m; random init
     from_timm(vit, **cfg) -> SPViT          add selectors to an existing timm VisionTransformer
     SPViT, TokenSelector, SPViTConfig       the modules and the pruning configuration
     calibrate_thresholds(model, images)     per-stage thresholds whose mean keep matches the keep ratios
@@ -10,9 +11,9 @@ Inference only: training (Gumbel / soft masks) is not provided.
 
 from .calibrate import calibrate_thresholds
 from .config import SPViTConfig, make_config
-from .factory import MODEL_SHAPES, create_model, from_timm, list_models
+from .factory import MODEL_SHAPES, MODELS, create_model, from_timm, list_models
 from .selector import TokenSelector
 from .spvit import SPViT
 
-__all__ = ["MODEL_SHAPES", "SPViT", "SPViTConfig", "TokenSelector", "calibrate_thresholds", "create_model",
+__all__ = ["MODELS", "MODEL_SHAPES", "SPViT", "SPViTConfig", "TokenSelector", "calibrate_thresholds", "create_model",
            "from_timm", "list_models", "make_config"]
