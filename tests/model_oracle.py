@@ -6,7 +6,8 @@ order, package tokens], scores it with the per-image reference `selector_rows`, 
 `keep_mask`, pools the dropped rows into a package row (appended; in "add" mode added to the one package
 row after the first stage), and runs the unchanged timm blocks (their own forward) on the shorter sequence.
 Final: the ViT's own forward_head on its own norm of the short sequence (timm pools "avg" over the rows
-after the prefix, i.e. the kept patches and package rows; the distilled head averages its two heads).
+after the prefix, i.e. the kept patches and package rows; the distilled head averages its two heads;
+LV-ViT's head sees the class row and the alive patches only).
 """
 
 import torch
@@ -39,6 +40,7 @@ def oracle_forward(model, images):
     vit, cfg = model.vit, model.config
     H = vit.blocks[0].attn.num_heads
     n_pre = vit.num_prefix_tokens
+    lvvit = hasattr(vit, "aux_head")  # LV-ViT: its head reads the class row and the alive patch rows
     stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
     S_count = len(cfg.selector_layers)
     kept = [[] for _ in range(S_count)]
@@ -47,7 +49,10 @@ def oracle_forward(model, images):
     logits = []
     for b in range(images.shape[0]):
         # Stem through the ViT's own modules, one image at a time.
-        seq = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images[b: b + 1]))))[0]
+        if lvvit:
+            seq = vit.embed(images[b: b + 1])[0]
+        else:
+            seq = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images[b: b + 1]))))[0]
         P = seq.shape[0] - n_pre
         patch_ids = torch.arange(P, device=seq.device)  # original patch number of each spatial row of seq
         n_pkg = 0
@@ -73,5 +78,8 @@ def oracle_forward(model, images):
                 patch_ids = patch_ids[kept_rows]
                 kept[s].append(patch_ids.clone())
             seq = block(seq[None])[0]
-        logits.append(vit.forward_head(vit.norm(seq[None]))[0])
+        if lvvit:  # the package rows are not patches: the backbone's own head on [cls, alive patches]
+            logits.append(vit.forward_head(vit.norm(seq[None, : n_pre + len(patch_ids)]))[0])
+        else:
+            logits.append(vit.forward_head(vit.norm(seq[None]))[0])
     return torch.stack(logits), kept, scores, cands

@@ -64,7 +64,7 @@ class AcceleratedSPViT(SPViT):
                     patch_id = torch.where(src >= 0, patch_id[src.clamp(min=0)], torch.full_like(src, -2))
                     stage_rows.append((cu, patch_id))
             x = block(x) if cu is None else packed_block(block, x, cu, max_len)
-        logits = self._head_packed(x, cu)
+        logits = self._head_packed(x, cu, n_pkg)
         if not return_info:
             return logits
         return logits, self._packed_info(stage_rows)
@@ -79,21 +79,29 @@ class AcceleratedSPViT(SPViT):
                                           num_keep, cfg.package, package_merge=cfg.package_merge,
                                           num_prefix=self.num_prefix)
 
-    def _head_packed(self, x, cu):
-        """Logits from the final packed rows x (T, C) (image b = rows cu[b] .. cu[b+1]-1, prefix rows first).
-        The prefix rows are gathered; the "avg" head's mean over the other rows is one segment sum
-        (index_add_ by image id), so no loop over images and no host synchronisation."""
+    @staticmethod
+    def _row_layout(x, cu):
+        """For packed rows x (T, C) with cu_seqlens cu: (image id of every row (T,), its position inside
+        the image (T,), the image lengths (B,)), all int64, computed without a host synchronisation."""
+        B, T = cu.shape[0] - 1, x.shape[0]
+        lengths = cu.diff().long()
+        image = torch.repeat_interleave(torch.arange(B, device=x.device), lengths, output_size=T)
+        pos = torch.arange(T, device=x.device) - cu[:-1].long()[image]
+        return image, pos, lengths
+
+    def _head_packed(self, x, cu, num_packages):
+        """Logits from the final packed rows x (T, C) (image b = rows cu[b] .. cu[b+1]-1, prefix rows first,
+        num_packages package rows last). The prefix rows are gathered; the "avg" head's mean over the other
+        rows is one segment sum (index_add_ by image id): no loop over images, no host synchronisation."""
         n = self.num_prefix
         B = cu.shape[0] - 1
         starts = cu[:-1].long()
         prefix = self.final_norm(x[starts[:, None] + torch.arange(n, device=x.device)])  # (B, n, C)
         if self.head_kind != "avg":
             return self.forward_head(prefix, None)
-        lengths = cu.diff().long()
-        image = torch.repeat_interleave(torch.arange(B, device=x.device), lengths, output_size=x.shape[0])
-        carried = (torch.arange(x.shape[0], device=x.device) - starts[image]) >= n  # not a prefix row
+        image, pos, lengths = self._row_layout(x, cu)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = torch.where(carried[:, None], self.final_norm(x).to(acc), 0)
+        rows = torch.where((pos >= n)[:, None], self.final_norm(x).to(acc), 0)
         total = torch.zeros(B, x.shape[1], dtype=acc, device=x.device).index_add_(0, image, rows)
         pooled = total / (lengths - n).clamp(min=1)[:, None].to(acc)
         return self.forward_head(prefix, pooled.to(x.dtype))
@@ -107,17 +115,26 @@ class AcceleratedSPViT(SPViT):
         return self._info_dict(kept)
 
 
+# reference model class -> its accelerated class (accelerate() swaps __class__; the modules stay).
+ACCELERATED = {SPViT: AcceleratedSPViT}
+
+
 def accelerate(model):
     """Switch `model` (an SPViT from spvit_kernels.models.create_model / from_timm) in place to pruned
     ragged execution on the fused ops, and return it. Parameters, buffers and state_dict are unchanged;
     only the forward changes. Works on CPU (C++ backends) and CUDA (Triton / CUDA C++), in float32,
     float16 and bfloat16 and under torch.autocast."""
-    if not isinstance(model, SPViT):
+    from .lvvit import AcceleratedLVViT, SPViTLVViT
+
+    ACCELERATED.setdefault(SPViTLVViT, AcceleratedLVViT)
+    if type(model) in ACCELERATED.values():
+        return model
+    if type(model) not in ACCELERATED:
         raise TypeError(f"model must be an SPViT model from spvit_kernels.models, got {type(model).__name__}")
     for i, block in enumerate(model.vit.blocks):
         attn = block.attn
         if attn.head_dim not in (32, 64, 80, 96, 128):
             raise ValueError(f"model: block {i} has head dim {attn.head_dim}; varlen_attention supports "
                              "32, 64, 80, 96, 128")
-    model.__class__ = AcceleratedSPViT
+    model.__class__ = ACCELERATED[type(model)]
     return model

@@ -47,6 +47,8 @@ def _lvvit(size, num_classes=1000, img_size=224, **prune_cfg):
 MODELS = {
     **{name: partial(_deit, *shape) for name, shape in MODEL_SHAPES.items()},
     **{name: partial(_deit, *shape, distilled=True) for name, shape in DISTILLED_SHAPES.items()},
+    "spvit_lvvit_s": partial(_lvvit, "s"),
+    "spvit_lvvit_m": partial(_lvvit, "m"),
 }
 
 
