@@ -1,7 +1,10 @@
 """Draw which patches an SPViT model keeps after each pruning stage (like Figure 10 of the SPViT paper).
 
     python python/visualize_pruning.py [--image PATH] [--model spvit_deit_small] [--checkpoint CKPT]
-                                       [--pruning topk|threshold] [--threshold T] [--out pruning.png]
+                                       [--pruning topk|threshold] [--threshold T] [--package-merge concat|add]
+                                       [--out pruning.png]
+
+--model takes any create_model name with 16-pixel patches at 224 px (DeiT, distilled DeiT, LV-ViT).
 
 Without --image it uses the sample photo that matplotlib ships (grace_hopper.jpg). Without --checkpoint
 the model has random weights: the picture is still drawn, and its title says that the kept patches then
@@ -100,12 +103,14 @@ def main(argv=None):
     p.add_argument("--pruning", default="topk", choices=("topk", "threshold"))
     p.add_argument("--threshold", type=float, default=None,
                    help="threshold mode: keep_score threshold of every stage (default: calibrated on the image)")
+    p.add_argument("--package-merge", default="concat", choices=("concat", "add"),
+                   help="package tokens: one per stage (concat) or one in total (add)")
     p.add_argument("--out", default="pruning.png")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     cfg = {"threshold": args.threshold} if args.threshold is not None else {}
-    model = create_model(args.model, pruning=args.pruning, **cfg)
+    model = create_model(args.model, pruning=args.pruning, package_merge=args.package_merge, **cfg)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
         title = f"{args.model} ({args.pruning}), weights from {os.path.basename(args.checkpoint)}"
