@@ -23,7 +23,7 @@ import torch
 from ..models import SPViT
 from .packed_block import packed_block
 
-__all__ = ["AcceleratedSPViT", "accelerate"]
+__all__ = ["ACCELERATED", "AcceleratedLVViT", "AcceleratedSPViT", "accelerate"]
 
 
 class AcceleratedSPViT(SPViT):
@@ -120,13 +120,11 @@ ACCELERATED = {SPViT: AcceleratedSPViT}
 
 
 def accelerate(model):
-    """Switch `model` (an SPViT from spvit_kernels.models.create_model / from_timm) in place to pruned
-    ragged execution on the fused ops, and return it. Parameters, buffers and state_dict are unchanged;
+    """Switch `model` (an SPViT from spvit_kernels.models.create_model / from_timm / from_lvvit: a class
+    in ACCELERATED) in place to pruned ragged execution on the fused ops, and return it (an already
+    accelerated model is returned as is). Parameters, buffers and state_dict are unchanged;
     only the forward changes. Works on CPU (C++ backends) and CUDA (Triton / CUDA C++), in float32,
     float16 and bfloat16 and under torch.autocast."""
-    from .lvvit import AcceleratedLVViT, SPViTLVViT
-
-    ACCELERATED.setdefault(SPViTLVViT, AcceleratedLVViT)
     if type(model) in ACCELERATED.values():
         return model
     if type(model) not in ACCELERATED:
@@ -138,3 +136,10 @@ def accelerate(model):
                              "32, 64, 80, 96, 128")
     model.__class__ = ACCELERATED[type(model)]
     return model
+
+
+# The other families' accelerated classes build on AcceleratedSPViT, hence imported after it.
+from ..models.lvvit import SPViTLVViT  # noqa: E402
+from .lvvit import AcceleratedLVViT  # noqa: E402
+
+ACCELERATED[SPViTLVViT] = AcceleratedLVViT

@@ -162,8 +162,10 @@ class SPViT(nn.Module):
         if self.head_kind != "avg":
             return self.forward_head(self.final_norm(x[:, :n]), None)
         rows = self._carried(alive, x.shape[1] - n - alive.shape[1])[..., None]
-        total = torch.where(rows, self.final_norm(x[:, n:]), 0).sum(dim=1)
-        return self.forward_head(self.final_norm(x[:, :n]), total / rows.sum(dim=1).clamp(min=1).to(total.dtype))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # sum in fp32, as the packed form
+        total = torch.where(rows, self.final_norm(x[:, n:]).to(acc), 0).sum(dim=1)
+        pooled = (total / rows.sum(dim=1).clamp(min=1).to(acc)).to(x.dtype)
+        return self.forward_head(self.final_norm(x[:, :n]), pooled)
 
     def _carried(self, alive, n_pkg):
         """(B, P + n_pkg) bool: the non-prefix rows an image still carries (alive patches, package rows)."""
