@@ -19,6 +19,9 @@ from spvit_kernels.models import calibrate_thresholds, create_model, from_timm
 from spvit_kernels.models.lvvit import LVViT, SPViTLVViT, from_lvvit
 
 from .model_oracle import oracle_forward
+from .test_accelerate import GPU_TOLS
+from .test_accelerate import _flip_aware_compare as flip_aware_compare
+from .utils import requires_gpu
 
 NUM_CLASSES = 5
 P = 25
@@ -196,3 +199,49 @@ def test_bad_arguments():
         from_timm(_backbone())
     with pytest.raises(ValueError, match="img_size"):
         LVViT(img_size=70)
+
+
+def test_compile_fullgraph_topk_cpu():
+    """Top-k needs no host synchronisation, the aux segment max included: torch.compile traces it whole."""
+    acc = accelerate(from_lvvit(_backbone(), **STAGES))
+    images = _images(2, seed=4)
+    with torch.inference_mode():
+        out = torch.compile(acc, fullgraph=True)(images)
+        expect = acc(images)
+    torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,tol,band", GPU_TOLS)
+@pytest.mark.parametrize("pruning", PRUNINGS)
+def test_gpu_accelerated_matches_reference(pruning, dtype, tol, band):
+    torch.manual_seed(0)
+    ref = create_model("spvit_lvvit_s", num_classes=NUM_CLASSES, pruning=pruning, package_merge="add")
+    ref = ref.to("cuda", dtype)
+    if pruning == "threshold":
+        calibrate_thresholds(ref, _images(4, dtype, seed=9, size=224).cuda())
+    acc = accelerate(copy.deepcopy(ref))
+    images = _images(9, dtype, seed=3, size=224).cuda()
+    with torch.inference_mode():
+        logits_ref, info_ref = ref(images, return_info=True)
+        logits_acc, info_acc = acc(images, return_info=True)
+        clean = flip_aware_compare(ref, images, info_ref, info_acc, band)
+    assert logits_acc.dtype == dtype and torch.isfinite(logits_acc).all()
+    assert len(clean) >= images.shape[0] // 2, f"too many images flipped: {images.shape[0] - len(clean)}"
+    scale = logits_ref[clean].float().abs().max()
+    assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
+
+
+@requires_gpu
+def test_gpu_topk_has_no_host_sync():
+    torch.manual_seed(0)
+    acc = accelerate(create_model("spvit_lvvit_s", num_classes=NUM_CLASSES).to("cuda", torch.bfloat16))
+    images = _images(4, torch.bfloat16, size=224).cuda()
+    with torch.inference_mode():
+        acc(images)  # first call: Triton compiles and autotunes (may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            acc(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

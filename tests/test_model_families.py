@@ -16,6 +16,9 @@ from spvit_kernels import accelerate
 from spvit_kernels.models import calibrate_thresholds, create_model, from_timm
 
 from .model_oracle import oracle_forward
+from .test_accelerate import GPU_TOLS
+from .test_accelerate import _flip_aware_compare as flip_aware_compare
+from .utils import requires_gpu
 
 NUM_CLASSES = 5
 P = 25  # patches of the small ViT
@@ -134,3 +137,32 @@ def test_create_model_distilled(size):
     assert info["num_tokens"].tolist() == [[13, 13], [9, 9], [5, 5]]  # 2 prefix + kept + 1 package row
     assert torch.equal(info_acc["num_tokens"], info["num_tokens"])
     assert ((logits_acc - logits).abs().max() / logits.abs().max()).item() < ACC_TOL
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,tol,band", GPU_TOLS)
+@pytest.mark.parametrize("merge,package", MERGES[:2])
+@pytest.mark.parametrize("variant", ["distilled", "registers", "avg_no_cls"])
+def test_gpu_accelerated_matches_reference(variant, merge, package, dtype, tol, band):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kw = dict(VARIANTS[variant][0])
+    if kw.pop("distilled", False):
+        ref = create_model("spvit_deit_small_distilled", num_classes=NUM_CLASSES, package_merge=merge,
+                           package=package)
+    else:
+        vit = VisionTransformer(embed_dim=384, num_heads=6, num_classes=NUM_CLASSES, **kw)
+        ref = from_timm(vit, package_merge=merge, package=package)
+    ref = ref.to("cuda", dtype)
+    acc = accelerate(copy.deepcopy(ref))
+    images = _images(9, dtype, seed=3, size=224).cuda()
+    with torch.inference_mode():
+        logits_ref, info_ref = ref(images, return_info=True)
+        logits_acc, info_acc = acc(images, return_info=True)
+        clean = flip_aware_compare(ref, images, info_ref, info_acc, band)
+    assert logits_acc.dtype == dtype and torch.isfinite(logits_acc).all()
+    assert len(clean) >= images.shape[0] // 2, f"too many images flipped: {images.shape[0] - len(clean)}"
+    scale = logits_ref[clean].float().abs().max()
+    assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
+    assert torch.equal(info_acc["num_tokens"][:, clean], info_ref["num_tokens"][:, clean])
