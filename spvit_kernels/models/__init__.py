@@ -2,7 +2,9 @@
 
     create_model(name, **cfg) -> SPViT      spvit_deit_tiny / _small / _base / _256 / _320 (and _distilled),
                                             spvit_lvvit_s / _m; random init
-    from_timm(vit, **cfg) -> SPViT          add selectors to an existing timm VisionTransformer
+    from_timm(vit, **cfg) -> SPViT          add selectors to an existing timm VisionTransformer (class,
+                                            distillation, register tokens; global_pool 'token' or 'avg')
+    LVViT, from_lvvit(vit, **cfg)           the LV-ViT backbone (published parameter names) and its SPViT
     SPViT, TokenSelector, SPViTConfig       the modules and the pruning configuration
     calibrate_thresholds(model, images)     per-stage thresholds whose mean keep matches the keep ratios
 
@@ -12,8 +14,9 @@ Inference only: training (Gumbel / soft masks) is not provided.
 from .calibrate import calibrate_thresholds
 from .config import SPViTConfig, make_config
 from .factory import MODEL_SHAPES, MODELS, create_model, from_timm, list_models
+from .lvvit import LVViT, SPViTLVViT, from_lvvit
 from .selector import TokenSelector
 from .spvit import SPViT
 
-__all__ = ["MODELS", "MODEL_SHAPES", "SPViT", "SPViTConfig", "TokenSelector", "calibrate_thresholds", "create_model",
-           "from_timm", "list_models", "make_config"]
+__all__ = ["LVViT", "MODELS", "MODEL_SHAPES", "SPViT", "SPViTConfig", "SPViTLVViT", "TokenSelector",
+           "calibrate_thresholds", "create_model", "from_lvvit", "from_timm", "list_models", "make_config"]

@@ -60,6 +60,16 @@ class SPViTConfig:
         return 1 if self.package_merge == "add" else stage + 1
 
 
+def split_config_kwargs(cfg, allowed_extra=()):
+    """Split keyword arguments into (pruning config fields, the `allowed_extra` ones); any other key raises
+    TypeError naming it."""
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS) - set(allowed_extra))
+    if unknown:
+        raise TypeError(f"{unknown[0]} is not a config field; expected some of {CONFIG_FIELDS + tuple(allowed_extra)}")
+    return ({k: v for k, v in cfg.items() if k in CONFIG_FIELDS},
+            {k: v for k, v in cfg.items() if k in allowed_extra})
+
+
 def _tuple_of(value, name, kind):
     try:
         items = tuple(value)

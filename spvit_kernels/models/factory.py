@@ -2,7 +2,8 @@
 
 from functools import partial
 
-from .config import CONFIG_FIELDS, make_config
+from .config import make_config, split_config_kwargs
+from .lvvit import create_spvit_lvvit
 from .masked_block import check_block
 from .selector import TokenSelector
 from .spvit import SPViT
@@ -37,32 +38,18 @@ def _deit(embed_dim, num_heads, distilled=False, num_classes=1000, img_size=224,
     return from_timm(vit, **prune_cfg)
 
 
-def _lvvit(size, num_classes=1000, img_size=224, **prune_cfg):
-    from .lvvit import create_spvit_lvvit
-
-    return create_spvit_lvvit(size, num_classes=num_classes, img_size=img_size, **prune_cfg)
-
-
 # The model registry: name -> builder(num_classes=..., img_size=..., **pruning config) -> SPViT model.
 MODELS = {
     **{name: partial(_deit, *shape) for name, shape in MODEL_SHAPES.items()},
     **{name: partial(_deit, *shape, distilled=True) for name, shape in DISTILLED_SHAPES.items()},
-    "spvit_lvvit_s": partial(_lvvit, "s"),
-    "spvit_lvvit_m": partial(_lvvit, "m"),
+    "spvit_lvvit_s": partial(create_spvit_lvvit, "s"),
+    "spvit_lvvit_m": partial(create_spvit_lvvit, "m"),
 }
 
 
 def list_models():
     """The names `create_model` accepts."""
     return sorted(MODELS)
-
-
-def _split_cfg(cfg, allowed_extra=()):
-    unknown = sorted(set(cfg) - set(CONFIG_FIELDS) - set(allowed_extra))
-    if unknown:
-        raise TypeError(f"{unknown[0]} is not a config field; expected some of {CONFIG_FIELDS + tuple(allowed_extra)}")
-    return ({k: v for k, v in cfg.items() if k in CONFIG_FIELDS},
-            {k: v for k, v in cfg.items() if k in allowed_extra})
 
 
 def create_model(name, **cfg):
@@ -85,7 +72,7 @@ def create_model(name, **cfg):
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {list_models()}, got {name!r}")
-    prune_cfg, backbone_cfg = _split_cfg(cfg, TIMM_ARGS)
+    prune_cfg, backbone_cfg = split_config_kwargs(cfg, TIMM_ARGS)
     return MODELS[name](**backbone_cfg, **prune_cfg)
 
 
@@ -136,7 +123,7 @@ def from_timm(vit, **cfg):
         TypeError / ValueError naming the problem.
     """
     H = _check_vit(vit)
-    prune_cfg, _ = _split_cfg(cfg)
+    prune_cfg, _ = split_config_kwargs(cfg)
     config = make_config(len(vit.blocks), **prune_cfg)
     ref = next(vit.parameters())
     selectors = [TokenSelector(vit.embed_dim, H, device=ref.device, dtype=ref.dtype)

@@ -18,7 +18,7 @@ patches; dropped patches do not count); with no patch left the aux term is 0.
 import torch
 from torch import nn
 
-from .config import make_config
+from .config import make_config, split_config_kwargs
 from .selector import TokenSelector
 from .spvit import SPViT
 
@@ -185,9 +185,7 @@ def from_lvvit(vit, **cfg):
     """
     if not isinstance(vit, LVViT):
         raise TypeError(f"vit must be an LVViT, got {type(vit).__name__}")
-    from .factory import _split_cfg
-
-    prune_cfg, _ = _split_cfg(cfg)
+    prune_cfg, _ = split_config_kwargs(cfg)
     config = make_config(len(vit.blocks), **prune_cfg)
     H = vit.blocks[0].attn.num_heads
     ref = next(vit.parameters())
