@@ -39,9 +39,6 @@ from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
 
 
-HEAD_KINDS = ("token", "distilled", "avg")
-
-
 def head_kind(vit):
     """How `vit` classifies: "token" (head on the class row), "distilled" (mean of head(cls) and
     head_dist(dist)) or "avg" (head on the mean of the non-prefix rows)."""
