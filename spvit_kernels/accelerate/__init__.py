@@ -23,7 +23,7 @@ import torch
 from ..models import SPViT
 from .packed_block import packed_block
 
-__all__ = ["ACCELERATED", "AcceleratedLVViT", "AcceleratedSPViT", "accelerate"]
+__all__ = ["ACCELERATED", "AcceleratedLVViT", "AcceleratedPiT", "AcceleratedSPViT", "accelerate"]
 
 
 class AcceleratedSPViT(SPViT):
@@ -68,6 +68,15 @@ class AcceleratedSPViT(SPViT):
         if not return_info:
             return logits
         return logits, self._packed_info(stage_rows)
+
+    @staticmethod
+    def check_accelerable(model):
+        """Raise ValueError if `model` (the reference model about to become this class) cannot run packed."""
+        for i, block in enumerate(model.vit.blocks):
+            attn = block.attn
+            if attn.head_dim not in (32, 64, 80, 96, 128):
+                raise ValueError(f"model: block {i} has head dim {attn.head_dim}; varlen_attention supports "
+                                 "32, 64, 80, 96, 128")
 
     def _prune_stage_packed(self, stage, x, cu, n_pkg, P):
         """Score and prune one stage on packed rows. Returns (x_out, cu_seqlens_out, src_index)."""
@@ -129,11 +138,7 @@ def accelerate(model):
         return model
     if type(model) not in ACCELERATED:
         raise TypeError(f"model must be an SPViT model from spvit_kernels.models, got {type(model).__name__}")
-    for i, block in enumerate(model.vit.blocks):
-        attn = block.attn
-        if attn.head_dim not in (32, 64, 80, 96, 128):
-            raise ValueError(f"model: block {i} has head dim {attn.head_dim}; varlen_attention supports "
-                             "32, 64, 80, 96, 128")
+    ACCELERATED[type(model)].check_accelerable(model)
     model.__class__ = ACCELERATED[type(model)]
     return model
 
@@ -143,3 +148,8 @@ from ..models.lvvit import SPViTLVViT  # noqa: E402
 from .lvvit import AcceleratedLVViT  # noqa: E402
 
 ACCELERATED[SPViTLVViT] = AcceleratedLVViT
+
+from ..models.pit import SPViTPiT  # noqa: E402
+from .pit import AcceleratedPiT  # noqa: E402
+
+ACCELERATED[SPViTPiT] = AcceleratedPiT

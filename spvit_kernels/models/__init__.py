@@ -5,6 +5,7 @@
     from_timm(vit, **cfg) -> SPViT          add selectors to an existing timm VisionTransformer (class,
                                             distillation, register tokens; global_pool 'token' or 'avg')
     LVViT, from_lvvit(vit, **cfg)           the LV-ViT backbone (published parameter names) and its SPViT
+    SPViTPiT, from_timm_pit(pit, **cfg)     SPViT on a timm PiT (spvit_pit_ti / _xs / _s; from_timm dispatches)
     SPViT, TokenSelector, SPViTConfig       the modules and the pruning configuration
     calibrate_thresholds(model, images)     per-stage thresholds whose mean keep matches the keep ratios
 
@@ -15,8 +16,9 @@ from .calibrate import calibrate_thresholds
 from .config import SPViTConfig, make_config
 from .factory import MODEL_SHAPES, MODELS, create_model, from_timm, list_models
 from .lvvit import LVViT, SPViTLVViT, from_lvvit
+from .pit import SPViTPiT, from_timm_pit
 from .selector import TokenSelector
 from .spvit import SPViT
 
-__all__ = ["LVViT", "MODELS", "MODEL_SHAPES", "SPViT", "SPViTConfig", "SPViTLVViT", "TokenSelector",
-           "calibrate_thresholds", "create_model", "from_lvvit", "from_timm", "list_models", "make_config"]
+__all__ = ["LVViT", "MODELS", "MODEL_SHAPES", "SPViT", "SPViTConfig", "SPViTLVViT", "SPViTPiT", "TokenSelector",
+           "calibrate_thresholds", "create_model", "from_lvvit", "from_timm_pit", "from_timm", "list_models", "make_config"]

@@ -5,6 +5,7 @@ from functools import partial
 from .config import make_config, split_config_kwargs
 from .lvvit import create_spvit_lvvit
 from .masked_block import check_block
+from .pit import PIT_MODELS, create_spvit_pit, from_timm_pit
 from .selector import TokenSelector
 from .spvit import SPViT
 
@@ -44,6 +45,7 @@ MODELS = {
     **{name: partial(_deit, *shape, distilled=True) for name, shape in DISTILLED_SHAPES.items()},
     "spvit_lvvit_s": partial(create_spvit_lvvit, "s"),
     "spvit_lvvit_m": partial(create_spvit_lvvit, "m"),
+    **{name: partial(create_spvit_pit, timm_name) for name, timm_name in PIT_MODELS.items()},
 }
 
 
@@ -62,7 +64,9 @@ def create_model(name, **cfg):
             spvit_deit_{tiny,small,base}_distilled: the same with timm's distillation token and head
             (logits = mean of the two heads);
             spvit_lvvit_s (384 channels, depth 16, 6 heads, selectors before blocks 4, 8, 12),
-            spvit_lvvit_m (512, depth 20, 8 heads, selectors before 5, 10, 15): LV-ViT (models/lvvit.py).
+            spvit_lvvit_m (512, depth 20, 8 heads, selectors before 5, 10, 15): LV-ViT (models/lvvit.py);
+            spvit_pit_ti / spvit_pit_xs / spvit_pit_s: timm's pit_*_224, one selector per stage before
+            global blocks 1, 5, 10, package_merge "add" only, keep ratios per stage (models/pit.py).
         **cfg: pruning ("topk" | "threshold", default "topk"), keep_ratios (default (0.617, 0.369, 0.137)),
             selector_layers (default (3, 6, 9) for DeiT), package ("mean" | "sum" | "none", default
             "mean"), package_merge ("concat" | "add", default "concat"), threshold (default 0.0);
@@ -122,6 +126,10 @@ def from_timm(vit, **cfg):
     Raises:
         TypeError / ValueError naming the problem.
     """
+    from timm.models.pit import PoolingVisionTransformer
+
+    if isinstance(vit, PoolingVisionTransformer):  # PiT: its stages and pooling layers, see models/pit.py
+        return from_timm_pit(vit, **cfg)
     H = _check_vit(vit)
     prune_cfg, _ = split_config_kwargs(cfg)
     config = make_config(len(vit.blocks), **prune_cfg)
