@@ -2,10 +2,11 @@
 
 For each model (default DeiT-T/S/B; --models takes short names or any create_model name, e.g.
 spvit_lvvit_s) and pruning mode:
-  dense        the backbone alone (timm VisionTransformer, LV-ViT; same weights, no selectors)
+  dense        the backbone alone (timm VisionTransformer, LV-ViT, timm PiT; same weights, no selectors)
   reference    the SPViT model in the official masked form (full token tensor, masked attention)
   accelerated  the same model after spvit_kernels.accelerate(): pruned ragged execution on the fused ops
-Pruning modes: top-k at the default cumulative keep ratios (0.617, 0.369, 0.137), and threshold mode with
+Pruning modes: top-k at the model's default keep ratios (DeiT / LV-ViT: cumulative (0.617, 0.369, 0.137); PiT:
+0.7 of each stage's grid), and threshold mode with
 per-stage thresholds calibrated on a separate batch so that the mean keep matches those ratios.
 
 Reported: images/s (batch / median time of several timed rounds after warm-up; the three providers take
@@ -19,7 +20,7 @@ Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure SPEC se
 CPU, float32, batch 4, 5 timed runs, so that it finishes in a few minutes.
 
     python benchmarks/throughput.py [--device cuda|cpu] [--batch N] [--dtype bfloat16|float16|float32]
-                                    [--models tiny,small,base,lvvit_s] [--modes topk,threshold] [--runs N]
+                                    [--models tiny,small,base,lvvit_s,pit_s] [--modes topk,threshold] [--runs N]
 """
 
 import argparse
@@ -40,8 +41,9 @@ from spvit_kernels.models import calibrate_thresholds, create_model, list_models
 
 # Short names for --models; any create_model name (list_models()) is accepted as well.
 MODELS = {"tiny": "spvit_deit_tiny", "small": "spvit_deit_small", "base": "spvit_deit_base",
-          "lvvit_s": "spvit_lvvit_s", "lvvit_m": "spvit_lvvit_m"}
-LABELS = {"spvit_deit_": "DeiT-", "spvit_lvvit_": "LV-ViT-"}  # plot labels
+          "lvvit_s": "spvit_lvvit_s", "lvvit_m": "spvit_lvvit_m",
+          "pit_ti": "spvit_pit_ti", "pit_xs": "spvit_pit_xs", "pit_s": "spvit_pit_s"}
+LABELS = {"spvit_deit_": "DeiT-", "spvit_lvvit_": "LV-ViT-", "spvit_pit_": "PiT-"}  # plot labels
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

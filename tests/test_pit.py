@@ -171,3 +171,15 @@ def test_distilled_pit_refused():
                                    distilled=True)
     with pytest.raises(ValueError, match="distilled"):
         from_timm(vit, **STAGES)
+
+
+def test_visualize_pruning_pit(tmp_path):
+    """python/visualize_pruning.py draws PiT's stages, each on its own grid (27x27, 14x14, 7x7 at 224 px)."""
+    pytest.importorskip("matplotlib")
+    from .test_examples import _load
+
+    out = tmp_path / "pruning.png"
+    kept = _load("visualize_pruning").main(["--model", "spvit_pit_ti", "--out", str(out)])
+    assert out.stat().st_size > 10_000
+    assert [len(k) for k in kept] == [round(0.7 * n * n) for n in (27, 14, 7)]
+    assert max(kept[0]) < 27 * 27 and max(kept[2]) < 7 * 7
