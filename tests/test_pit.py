@@ -18,7 +18,9 @@ from spvit_kernels.accelerate.pit import padded_varlen_attention
 from spvit_kernels.models import SPViTPiT, calibrate_thresholds, create_model, from_timm, list_models
 
 from .pit_oracle import pit_oracle_forward
-from .utils import make_cu_seqlens, poison_like
+from .test_accelerate import GPU_TOLS
+from .test_accelerate import _flip_aware_compare as flip_aware_compare
+from .utils import make_cu_seqlens, poison_like, requires_gpu
 
 NUM_CLASSES = 5
 IMG = 64
@@ -183,3 +185,28 @@ def test_visualize_pruning_pit(tmp_path):
     assert out.stat().st_size > 10_000
     assert [len(k) for k in kept] == [round(0.7 * n * n) for n in (27, 14, 7)]
     assert max(kept[0]) < 27 * 27 and max(kept[2]) < 7 * 7
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,tol,band", GPU_TOLS)
+@pytest.mark.parametrize("pruning", PRUNINGS)
+@pytest.mark.parametrize("name", ["spvit_pit_s", "spvit_pit_ti"])
+def test_gpu_accelerated_matches_reference(name, pruning, dtype, tol, band):
+    """On the GPU (Triton / CUDA ops) at 224 px: kept sets equal except for tokens within `band` of the
+    decision boundary, logits of the images without such a flip within `tol`."""
+    torch.manual_seed(0)
+    ref = create_model(name, num_classes=NUM_CLASSES, pruning=pruning).to("cuda", dtype)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(9, 3, 224, 224, generator=g).to("cuda", dtype)
+    if pruning == "threshold":
+        calibrate_thresholds(ref, torch.randn(4, 3, 224, 224, generator=g).to("cuda", dtype))
+    acc = accelerate(copy.deepcopy(ref))
+    with torch.inference_mode():
+        logits_ref, info_ref = ref(images, return_info=True)
+        logits_acc, info_acc = acc(images, return_info=True)
+        clean = flip_aware_compare(ref, images, info_ref, info_acc, band)
+    assert logits_acc.dtype == dtype and torch.isfinite(logits_acc).all()
+    assert len(clean) >= images.shape[0] // 2, f"too many images flipped: {images.shape[0] - len(clean)}"
+    scale = logits_ref[clean].float().abs().max()
+    assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
+    assert torch.equal(info_acc["num_tokens"][:, clean], info_ref["num_tokens"][:, clean])
