@@ -110,6 +110,18 @@ def test_accelerated_matches_reference(head_dim, pruning):
     assert info_acc["grid_sizes"] == info_ref["grid_sizes"]
 
 
+def test_compile_fullgraph_topk_cpu():
+    """Top-k PiT has no data-dependent size (the grid scatter included): one graph."""
+    ref = _model(48, "topk")
+    acc = accelerate(copy.deepcopy(ref))
+    images = _images(2)
+    compiled = torch.compile(acc, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(images)
+        expect = ref(images)
+    assert _rel_err(out, expect) < ACC_TOL
+
+
 def test_stage_without_selector_runs_dense():
     """Selectors in stages 0 and 2 only: stage 1 runs dense (the package row passes through it)."""
     vit = _pit(48)
