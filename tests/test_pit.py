@@ -122,6 +122,18 @@ def test_compile_fullgraph_topk_cpu():
     assert _rel_err(out, expect) < ACC_TOL
 
 
+def test_autocast_bfloat16_cpu():
+    ref = _model(48, "topk")
+    acc = accelerate(copy.deepcopy(ref))
+    images = _images(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_ref, info_ref = ref(images, return_info=True)
+        logits_acc, info_acc = acc(images, return_info=True)
+    assert torch.isfinite(logits_acc).all()
+    assert torch.equal(info_acc["num_kept"], info_ref["num_kept"])
+    assert _rel_err(logits_acc.float(), logits_ref.float()) < 0.1  # test_accelerate's autocast tolerance
+
+
 def test_stage_without_selector_runs_dense():
     """Selectors in stages 0 and 2 only: stage 1 runs dense (the package row passes through it)."""
     vit = _pit(48)
