@@ -123,6 +123,7 @@ def from_timm(vit, **cfg):
             Blocks, and heads that fit the selector (H >= 2, C / H a multiple of 4). Its prefix rows
             (class, distillation, register tokens) are never pruned.
         **cfg: pruning, keep_ratios, selector_layers, package, package_merge, threshold (see create_model).
+    A timm PoolingVisionTransformer (PiT) goes to `models.pit.from_timm_pit`, which documents its rules.
     Raises:
         TypeError / ValueError naming the problem.
     """

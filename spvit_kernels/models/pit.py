@@ -108,6 +108,7 @@ class SPViTPiT(SPViT):
     info["grid_sizes"] the (H_s, W_s) of the grid each selector prunes."""
 
     def __init__(self, vit, selectors, config):
+        # Not SPViT.__init__: it reads one head count and width from vit.blocks, which PiT's stages lack.
         nn.Module.__init__(self)
         self.vit = vit
         self.selectors = nn.ModuleList(selectors)
@@ -128,7 +129,8 @@ class SPViTPiT(SPViT):
     def extra_repr(self):
         c = self.config
         return (f"pruning={c.pruning!r}, keep_ratios={c.keep_ratios}, selector_layers={c.selector_layers}, "
-                f"package={c.package!r}, package_merge={c.package_merge!r}, threshold={c.threshold}, stages={self.stages}")
+                f"package={c.package!r}, package_merge={c.package_merge!r}, threshold={c.threshold}, "
+                f"stages={self.stages}")
 
     def forward_stem(self, images):
         """images -> (grid (B, C0, H0, W0) with position embedding, class row (B, 1, C0))."""
