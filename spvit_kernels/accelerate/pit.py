@@ -104,7 +104,7 @@ class AcceleratedPiT(SPViTPiT, AcceleratedSPViT):
         cu_in = torch.arange(B + 1, device=x.device, dtype=torch.int32) * N
         flat = x.reshape(B * N, C)
         keep_score, keep_prob = torch.ops.spvit.token_scores(
-            flat, cu_in, n_pkg, self.stage_heads(self._stage_of(stage)), *self.selectors[stage].op_weights(),
+            flat, cu_in, n_pkg, self.selectors[stage].num_heads, *self.selectors[stage].op_weights(),
             num_prefix=1)
         num_keep = self.num_keep(stage, P) if cfg.pruning == "topk" else None
         packed, cu, src = torch.ops.spvit.prune_pack(
@@ -116,9 +116,6 @@ class AcceleratedPiT(SPViTPiT, AcceleratedSPViT):
         patch_id = torch.where(src >= 0, pos_in[src.clamp(min=0)], torch.full_like(src, -2))
         max_len = 2 + (num_keep if cfg.pruning == "topk" else P)  # cls + kept + the one package row
         return packed, cu, patch_id, max_len
-
-    def _stage_of(self, selector):
-        return next(stage for (stage, _), s in self.selector_at.items() if s == selector)
 
     def _unpack(self, x, cu, patch_id, frozen, shape):
         """Packed rows x (T, C) at the end of a stage -> (grid (B, C, H, W), [cls, package] rows (B, 2, C)).

@@ -42,6 +42,11 @@ def stage_bounds(vit):
     return bounds
 
 
+def stage_of_layer(bounds, layer):
+    """The stage whose blocks hold global block `layer`, for `bounds` from `stage_bounds`."""
+    return next(s for s, (start, n) in enumerate(bounds) if start <= layer < start + n)
+
+
 def make_pit_config(vit, *, pruning="topk", keep_ratios=PIT_KEEP_RATIOS, selector_layers=PIT_SELECTOR_LAYERS,
                     package="mean", threshold=0.0, package_merge="add"):
     """Validate a pruning configuration for the PiT `vit` and return it (an SPViTConfig).
@@ -69,7 +74,7 @@ def make_pit_config(vit, *, pruning="topk", keep_ratios=PIT_KEEP_RATIOS, selecto
             raise ValueError(f"keep_ratios must lie in (0, 1], got {r}")
     seen = set()
     for layer in config.selector_layers:
-        stage = next(s for s, (start, n) in enumerate(bounds) if start <= layer < start + n)
+        stage = stage_of_layer(bounds, layer)
         if stage in seen:
             raise ValueError(f"selector_layers: stage {stage} has more than one selector; SPViT-PiT supports "
                              f"one per stage (stage block ranges {bounds})")
@@ -116,15 +121,12 @@ class SPViTPiT(SPViT):
         self.num_prefix = 1  # the class token; the package row comes last
         self.head_kind = "token"
         self.stages = stage_bounds(vit)
-        # selector s -> (its stage, the stage block it sits before)
+        # (stage, the stage block a selector sits before) -> the selector's index s
         self.selector_at = {}
         for s, layer in enumerate(config.selector_layers):
-            stage = next(i for i, (start, n) in enumerate(self.stages) if start <= layer < start + n)
+            stage = stage_of_layer(self.stages, layer)
             self.selector_at[(stage, layer - self.stages[stage][0])] = s
-        self.num_heads = None  # differs per stage: see stage_heads
-
-    def stage_heads(self, stage):
-        return self.vit.transformers[stage].blocks[0].attn.num_heads
+        self.num_heads = None  # differs per stage: each selector has its stage's (selectors[s].num_heads)
 
     def extra_repr(self):
         c = self.config
@@ -217,8 +219,7 @@ def from_timm_pit(vit, **cfg):
     ref = next(vit.parameters())
     selectors = []
     for layer in config.selector_layers:
-        stage = next(i for i, (start, n) in enumerate(bounds) if start <= layer < start + n)
-        attn = vit.transformers[stage].blocks[0].attn
+        attn = vit.transformers[stage_of_layer(bounds, layer)].blocks[0].attn
         selectors.append(TokenSelector(attn.num_heads * attn.head_dim, attn.num_heads, device=ref.device,
                                        dtype=ref.dtype))
     return SPViTPiT(vit, selectors, config).eval()
