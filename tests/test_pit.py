@@ -233,3 +233,19 @@ def test_gpu_accelerated_matches_reference(name, pruning, dtype, tol, band):
     scale = logits_ref[clean].float().abs().max()
     assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
     assert torch.equal(info_acc["num_tokens"][:, clean], info_ref["num_tokens"][:, clean])
+
+
+@requires_gpu
+def test_gpu_topk_has_no_host_sync():
+    """Top-k PiT, grid scatter and pooling included, never waits for the GPU."""
+    torch.manual_seed(0)
+    acc = accelerate(create_model("spvit_pit_s", num_classes=NUM_CLASSES).to("cuda", torch.bfloat16))
+    images = torch.randn(4, 3, 224, 224).to("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        acc(images)  # first call: Triton compiles and autotunes (may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            acc(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
