@@ -1,10 +1,12 @@
-"""End-to-end throughput: dense timm DeiT vs the reference SPViT model vs the accelerated one.
+"""End-to-end throughput: the dense backbone vs the reference SPViT model vs the accelerated one.
 
-For each model width (DeiT-T/S/B) and pruning mode:
-  dense        the timm VisionTransformer alone (same weights, no selectors)
+For each model (default DeiT-T/S/B; --models takes short names or any create_model name, e.g.
+spvit_lvvit_s) and pruning mode:
+  dense        the backbone alone (timm VisionTransformer, LV-ViT, timm PiT; same weights, no selectors)
   reference    the SPViT model in the official masked form (full token tensor, masked attention)
   accelerated  the same model after spvit_kernels.accelerate(): pruned ragged execution on the fused ops
-Pruning modes: top-k at the default cumulative keep ratios (0.617, 0.369, 0.137), and threshold mode with
+Pruning modes: top-k at the model's default keep ratios (DeiT / LV-ViT: cumulative (0.617, 0.369, 0.137); PiT:
+0.7 of each stage's grid), and threshold mode with
 per-stage thresholds calibrated on a separate batch so that the mean keep matches those ratios.
 
 Reported: images/s (batch / median time of several timed rounds after warm-up; the three providers take
@@ -20,7 +22,7 @@ Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure SPEC se
 CPU, float32, batch 4, 5 timed runs, so that it finishes in a few minutes.
 
     python benchmarks/throughput.py [--device cuda|cpu] [--batch N] [--dtype bfloat16|float16|float32]
-                                    [--models tiny,small,base] [--modes topk,threshold] [--runs N]
+                                    [--models tiny,small,base,lvvit_s,pit_s] [--modes topk,threshold] [--runs N]
 """
 
 import argparse
@@ -38,9 +40,13 @@ import common  # noqa: E402
 from flops import forward_gflops  # noqa: E402
 
 from spvit_kernels import accelerate  # noqa: E402
-from spvit_kernels.models import calibrate_thresholds, create_model  # noqa: E402
+from spvit_kernels.models import calibrate_thresholds, create_model, list_models  # noqa: E402
 
-MODELS = {"tiny": "spvit_deit_tiny", "small": "spvit_deit_small", "base": "spvit_deit_base"}
+# Short names for --models; any create_model name (list_models()) is accepted as well.
+MODELS = {"tiny": "spvit_deit_tiny", "small": "spvit_deit_small", "base": "spvit_deit_base",
+          "lvvit_s": "spvit_lvvit_s", "lvvit_m": "spvit_lvvit_m",
+          "pit_ti": "spvit_pit_ti", "pit_xs": "spvit_pit_xs", "pit_s": "spvit_pit_s"}
+LABELS = {"spvit_deit_": "DeiT-", "spvit_lvvit_": "LV-ViT-", "spvit_pit_": "PiT-"}  # plot labels
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 4 on a CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 GPU, float32 CPU")
-    p.add_argument("--models", default="tiny,small,base")
+    p.add_argument("--models", default="tiny,small,base",
+                   help="comma list of short names (%s) or create_model names" % ", ".join(MODELS))
     p.add_argument("--modes", default="topk,threshold")
     p.add_argument("--runs", type=int, default=None, help="timed runs per provider (default 20 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs of each provider first (default 5 GPU, 2 CPU)")
@@ -119,15 +126,14 @@ def build(name, mode, device, dtype, calib_images):
     return model
 
 
-def bench_model(short, mode, args, device, dtype, bar):
-    name = MODELS[short]
+def bench_model(name, mode, args, device, dtype, bar):
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
     calib = torch.randn(min(args.batch, 64), 3, 224, 224, device=device, dtype=dtype)
     torch.manual_seed(0)
     reference = build(name, mode, device, dtype, calib)
     accelerated = accelerate(copy.deepcopy(reference))
-    dense = reference.vit  # the same timm ViT, without selectors
+    dense = reference.vit  # the same backbone (timm ViT, LV-ViT), without selectors
     rows = []
     with torch.inference_mode():
         logits_ref, info_ref = reference(images, return_info=True)
@@ -173,11 +179,11 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [MODELS.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"--models: unknown model {m!r}; expected some of {sorted(MODELS)}")
+        if m not in list_models():
+            raise SystemExit(f"--models: unknown model {m!r}; expected some of {sorted(MODELS)} or {list_models()}")
     try:
         from tqdm import tqdm
     except ImportError:  # the progress bar is optional
@@ -187,17 +193,24 @@ def main(argv=None):
     print(f"device {common.device_label(device)}, {args.dtype}, batch {args.batch}, {args.runs} timed runs "
           f"after {args.warmup} warm-up")
     rows = []
-    for short in models:
+    for name in models:
         for mode in modes:
-            rows += bench_model(short, mode, args, device, dtype, bar)
+            rows += bench_model(name, mode, args, device, dtype, bar)
     bar.close()
     print_table(rows)
     meta = {"batch": args.batch, "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup}
     common.write_csv(args.name, device, rows, meta)
-    plot_rows = [dict(r, label=f"{r['model'].replace('spvit_deit_', 'DeiT-')} {r['mode']}") for r in rows]
+    plot_rows = [dict(r, label=f"{_label(r['model'])} {r['mode']}") for r in rows]
     common.plot_bars(args.name, device, plot_rows, x="label", y="images_per_s", group="provider",
                      ylabel="images / s", title=f"SPViT end to end, {args.dtype}, batch {args.batch}")
     return rows
+
+
+def _label(name):
+    for prefix, short in LABELS.items():
+        if name.startswith(prefix):
+            return short + name[len(prefix):]
+    return name
 
 
 class _NoBar:

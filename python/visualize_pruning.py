@@ -1,7 +1,13 @@
 """Draw which patches an SPViT model keeps after each pruning stage (like Figure 10 of the SPViT paper).
 
     python python/visualize_pruning.py [--image PATH] [--model spvit_deit_small] [--checkpoint CKPT]
-                                       [--pruning topk|threshold] [--threshold T] [--out pruning.png]
+                                       [--pruning topk|threshold] [--threshold T] [--package-merge concat|add]
+                                       [--out pruning.png]
+
+--model takes any create_model name at 224 px (DeiT, distilled DeiT, LV-ViT, PiT). Each panel shows the
+grid its stage prunes: 14 x 14 for the ViTs; for PiT each stage's own grid (27 x 27, 14 x 14, 7 x 7), its
+cells spread evenly over the image (PiT's stem patches overlap, so a cell marks where its patch centres).
+--package-merge defaults to the model's own default (concat; PiT supports add only).
 
 Without --image it uses the sample photo that matplotlib ships (grace_hopper.jpg). Without --checkpoint
 the model has random weights: the picture is still drawn, and its title says that the kept patches then
@@ -59,28 +65,41 @@ def to_batch(pixels):
     return ((x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])[None]
 
 
-def kept_patches(model, pixels):
-    """Per stage, the kept patch indices of the one image in `pixels` (H, W, 3 in [0, 1])."""
+def kept_patches(model, pixels, patch=16):
+    """Per stage, the kept patch indices of the one image in `pixels` (H, W, 3 in [0, 1]), the blocks the
+    selectors sit before, and the (rows, cols) of the grid each stage prunes (PiT: info["grid_sizes"];
+    otherwise the image side / patch)."""
     with torch.inference_mode():
         _, info = model(to_batch(pixels), return_info=True)
-    return [stage[0].tolist() for stage in info["kept_indices"]], info["selector_layers"]
+    kept = [stage[0].tolist() for stage in info["kept_indices"]]
+    side = pixels.shape[0] // patch
+    grids = info.get("grid_sizes", [(side, side)] * len(kept))
+    return kept, info["selector_layers"], grids
 
 
-def draw(pixels, kept, layers, patch, out, title):
+def cell_mask(ids, grid, size):
+    """(size, size) bool: pixel (y, x) is shown iff its cell of the (rows, cols) `grid` spread over the
+    image is in `ids` (row-major cell numbers)."""
+    rows, cols = grid
+    keep = np.zeros(rows * cols, dtype=bool)
+    keep[ids] = True
+    r = np.arange(size) * rows // size
+    c = np.arange(size) * cols // size
+    return keep.reshape(rows, cols)[r[:, None], c[None, :]]
+
+
+def draw(pixels, kept, layers, grids, out, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = pixels.shape[0] // patch
-    total = grid * grid
     fig, axes = plt.subplots(1, len(kept) + 1, figsize=(3.2 * (len(kept) + 1), 3.6))
     axes[0].imshow(pixels)
     axes[0].set_title("input")
-    for stage, (ax, ids, layer) in enumerate(zip(axes[1:], kept, layers), start=1):
-        mask = np.zeros(total, dtype=bool)
-        mask[ids] = True
-        mask = np.kron(mask.reshape(grid, grid), np.ones((patch, patch), dtype=bool))
+    for stage, (ax, ids, layer, grid) in enumerate(zip(axes[1:], kept, layers, grids), start=1):
+        total = grid[0] * grid[1]
+        mask = cell_mask(ids, grid, pixels.shape[0])
         shown = pixels * mask[..., None] + (1 - mask[..., None]) * 0.92  # dropped patches fade to light grey
         ax.imshow(shown)
         ax.set_title(f"stage {stage} (before block {layer}): {len(ids)}/{total} kept", fontsize=9)
@@ -100,11 +119,15 @@ def main(argv=None):
     p.add_argument("--pruning", default="topk", choices=("topk", "threshold"))
     p.add_argument("--threshold", type=float, default=None,
                    help="threshold mode: keep_score threshold of every stage (default: calibrated on the image)")
+    p.add_argument("--package-merge", default=None, choices=("concat", "add"),
+                   help="package tokens: one per stage (concat) or one in total (add); default: the model's")
     p.add_argument("--out", default="pruning.png")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     cfg = {"threshold": args.threshold} if args.threshold is not None else {}
+    if args.package_merge is not None:
+        cfg["package_merge"] = args.package_merge
     model = create_model(args.model, pruning=args.pruning, **cfg)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
@@ -120,8 +143,8 @@ def main(argv=None):
             thresholds = calibrate_thresholds(model, to_batch(pixels))
         title += "\nthresholds calibrated on this image to the keep ratios: " + \
             ", ".join(f"{t:.3g}" for t in thresholds)
-    kept, layers = kept_patches(model, pixels)
-    draw(pixels, kept, layers, 16, args.out, title)
+    kept, layers, grids = kept_patches(model, pixels)
+    draw(pixels, kept, layers, grids, args.out, title)
     print(f"wrote {args.out} ({os.path.basename(image)}; kept per stage: {[len(k) for k in kept]})")
     return kept
 

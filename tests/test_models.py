@@ -325,9 +325,10 @@ def test_from_timm_keeps_weights_and_dense_sanity():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(class_token=False, global_pool="avg"), "class token"),
-    (dict(reg_tokens=2), "register"),
-    (dict(global_pool="avg"), "global_pool"),
+    (dict(global_pool=""), "global_pool"),
+    (dict(global_pool="avg", pool_include_prefix=True), "prefix"),
+    (dict(global_pool="max"), "global_pool"),
+    (dict(global_pool="map"), "global_pool"),
     (dict(embed_dim=72, num_heads=12), "heads"),  # head dim 6: not a multiple of 4
     (dict(embed_dim=64, num_heads=1), "heads"),  # the SE branch needs >= 2 heads
 ])
@@ -336,12 +337,7 @@ def test_from_timm_rejects(kw, match):
         from_timm(_small_vit(**kw))
 
 
-def test_from_timm_rejects_distilled_and_non_vit():
-    from timm.models.deit import VisionTransformerDistilled
-
-    vit = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5)
-    with pytest.raises(ValueError, match="distillation"):
-        from_timm(vit)
+def test_from_timm_rejects_non_vit():
     with pytest.raises(TypeError, match="vit"):
         from_timm(torch.nn.Linear(3, 3))
 
@@ -349,6 +345,8 @@ def test_from_timm_rejects_distilled_and_non_vit():
 BAD_CONFIGS = [
     (dict(pruning="random"), "pruning"),
     (dict(package="avg"), "package"),
+    (dict(package_merge="sum"), "package_merge"),
+    (dict(package_merge="add", package="none"), "package_merge"),
     (dict(keep_ratios=(0.5, 0.6, 0.2)), "keep_ratios"),
     (dict(keep_ratios=(0.5, 0.5, 0.2)), "keep_ratios"),
     (dict(keep_ratios=(1.2, 0.5, 0.2)), "keep_ratios"),
@@ -381,7 +379,7 @@ def test_bad_names_and_keys():
         create_model("spvit_deit_tiny", keep_ratio=0.5)
     with pytest.raises(TypeError, match="num_classes"):
         from_timm(_small_vit(), num_classes=3)  # from_timm takes pruning fields only
-    assert list_models() == sorted(MODEL_NAMES)
+    assert set(MODEL_NAMES) <= set(list_models())
 
 
 def test_config_num_keep_rounding():

@@ -6,12 +6,13 @@ from numbers import Real
 
 PRUNING_MODES = ("threshold", "topk")
 PACKAGE_MODES = ("mean", "sum", "none")
+PACKAGE_MERGES = ("concat", "add")
 
 # The official DeiT SPViT setting: selectors before blocks 3, 6, 9 (0-based), cumulative keep ratios.
 DEFAULT_KEEP_RATIOS = (0.617, 0.369, 0.137)
 DEFAULT_SELECTOR_LAYERS = (3, 6, 9)
 
-CONFIG_FIELDS = ("pruning", "keep_ratios", "selector_layers", "package", "threshold")
+CONFIG_FIELDS = ("pruning", "keep_ratios", "selector_layers", "package", "threshold", "package_merge")
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,12 @@ class SPViTConfig:
             Only used by "topk".
         selector_layers: 0-based index of the block each selector sits before, strictly increasing.
         package: "mean" | "sum" | "none": how the tokens dropped at a stage are pooled into that stage's
-            package token (appended after the earlier ones; "none" appends nothing).
+            package token ("none": no package token).
         threshold: the keep_score threshold of "threshold" pruning: one float for every stage, or a tuple
             of floats, one per stage (what `calibrate_thresholds` sets). `threshold_at(s)` reads it.
+        package_merge: "concat" (the 3x mode: each stage appends its package token after the earlier ones)
+            or "add" (the 1x mode: one package token in total; the first stage appends it, each later
+            stage adds its pooled token to it element-wise). "add" needs package != "none".
     """
 
     pruning: str = "topk"
@@ -35,6 +39,7 @@ class SPViTConfig:
     selector_layers: tuple = DEFAULT_SELECTOR_LAYERS
     package: str = "mean"
     threshold: float = 0.0
+    package_merge: str = "concat"
 
     def threshold_at(self, stage):
         """The keep_score threshold of `stage` (0-based) in "threshold" pruning."""
@@ -50,7 +55,19 @@ class SPViTConfig:
 
     def num_packages_after(self, stage):
         """Package tokens every image carries after `stage` (0-based) has run."""
-        return 0 if self.package == "none" else stage + 1
+        if self.package == "none":
+            return 0
+        return 1 if self.package_merge == "add" else stage + 1
+
+
+def split_config_kwargs(cfg, allowed_extra=()):
+    """Split keyword arguments into (pruning config fields, the `allowed_extra` ones); any other key raises
+    TypeError naming it."""
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS) - set(allowed_extra))
+    if unknown:
+        raise TypeError(f"{unknown[0]} is not a config field; expected some of {CONFIG_FIELDS + tuple(allowed_extra)}")
+    return ({k: v for k, v in cfg.items() if k in CONFIG_FIELDS},
+            {k: v for k, v in cfg.items() if k in allowed_extra})
 
 
 def _tuple_of(value, name, kind):
@@ -65,7 +82,7 @@ def _tuple_of(value, name, kind):
 
 
 def make_config(depth, *, pruning="topk", keep_ratios=DEFAULT_KEEP_RATIOS, selector_layers=DEFAULT_SELECTOR_LAYERS,
-                package="mean", threshold=0.0):
+                package="mean", threshold=0.0, package_merge="concat"):
     """Validate a pruning configuration for a ViT of `depth` blocks and return it as an SPViTConfig.
 
     Raises ValueError (bad value) or TypeError (bad type) whose message starts with the field's name.
@@ -74,6 +91,11 @@ def make_config(depth, *, pruning="topk", keep_ratios=DEFAULT_KEEP_RATIOS, selec
         raise ValueError(f"pruning must be one of {PRUNING_MODES}, got {pruning!r}")
     if package not in PACKAGE_MODES:
         raise ValueError(f"package must be one of {PACKAGE_MODES}, got {package!r}")
+    if package_merge not in PACKAGE_MERGES:
+        raise ValueError(f"package_merge must be one of {PACKAGE_MERGES}, got {package_merge!r}")
+    if package_merge == "add" and package == "none":
+        raise ValueError('package_merge="add" merges package tokens, so it needs package "mean" or "sum", '
+                         'not "none"')
     ratios = tuple(float(r) for r in _tuple_of(keep_ratios, "keep_ratios", Real))
     layers = _tuple_of(selector_layers, "selector_layers", int)
     if not layers:
@@ -93,7 +115,7 @@ def make_config(depth, *, pruning="topk", keep_ratios=DEFAULT_KEEP_RATIOS, selec
         raise ValueError(f"keep_ratios must be strictly decreasing (they are cumulative), got {ratios}")
     threshold = _threshold(threshold, len(layers))
     return SPViTConfig(pruning=pruning, keep_ratios=ratios, selector_layers=layers, package=package,
-                       threshold=threshold)
+                       threshold=threshold, package_merge=package_merge)
 
 
 def _threshold(value, num_stages):

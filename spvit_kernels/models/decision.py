@@ -37,7 +37,7 @@ def keep_decision(keep_score, candidates, pruning, threshold, num_keep):
     return torch.zeros_like(candidates).scatter(1, order, take)
 
 
-def pool_package(x, keep_prob, dropped, package):
+def pool_package(x, keep_prob, dropped, package, dtype=None):
     """The package token of one stage: the tokens dropped at that stage pooled with keep_prob weights.
 
     Args:
@@ -46,8 +46,10 @@ def pool_package(x, keep_prob, dropped, package):
         dropped: (B, P) bool, the tokens dropped at this stage.
         package: "sum" (sum of keep_prob * x) or "mean" (that divided by the sum of the weights; a zero
             vector when nothing was dropped or the weights sum to 0).
+        dtype: the result's dtype; None = x's dtype. The 1x package mode asks for the accumulation
+            dtype so that the merge with the old package row rounds once, as prune_pack does.
     Returns:
-        (B, C) in x's dtype, accumulated in float32 (float64 for float64 x).
+        (B, C), accumulated in float32 (float64 for float64 x).
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = torch.where(dropped, keep_prob.to(acc), 0)
@@ -58,4 +60,4 @@ def pool_package(x, keep_prob, dropped, package):
         total = w.sum(dim=1, keepdim=True)
         nonzero = total != 0
         pooled = torch.where(nonzero, pooled / torch.where(nonzero, total, 1), 0)
-    return pooled.to(x.dtype)
+    return pooled.to(x.dtype if dtype is None else dtype)

@@ -5,23 +5,28 @@ Structure (what `spvit_kernels.accelerate` re-runs on packed ragged rows):
     model.selectors    nn.ModuleList of TokenSelector, selectors[s] sits before vit.blocks[config.selector_layers[s]]
                        (state_dict keys "selectors.<s>.*")
     model.config       SPViTConfig: pruning, keep_ratios, selector_layers, package, threshold (per stage:
-                       config.threshold_at(s))
-    model.forward_stem(images) -> (B, 1 + P, C)     patch embed + cls + pos embed + norm_pre
-    model.vit.blocks[i]                             plain timm blocks
-    model.forward_head_from_cls(cls) -> logits      final norm + head on the final cls rows (B, C)
+                       config.threshold_at(s)), package_merge
+    model.num_prefix   prefix rows of every image (cls, distillation, register tokens; 0 for a class-free ViT)
+    model.forward_stem(images) -> (B, num_prefix + P, C)   patch embed + prefix tokens + pos embed + norm_pre
+    model.vit.blocks[i]                                    plain timm blocks
+    model.forward_head(prefix, pooled) -> logits           the head on the final (normed) prefix rows or on the
+                                                           mean of the other rows (global_pool="avg")
     model.num_keep(stage, P), model.config.num_packages_after(stage)
 
-Masked forward (SPEC section 2, "Blocks"): the (B, 1 + P, C) token tensor is kept whole. Rows are
-[cls, P spatial tokens in patch order (dropped ones stay in place), package tokens appended in stage order].
-At stage s, before block selector_layers[s]:
-  1. the selector scores every non-cls row, its global mean over the image's alive rows
-     (alive spatial + earlier package tokens; dropped rows excluded);
-  2. the keep decision picks among the alive spatial tokens only (cls and package tokens always stay);
-  3. the tokens dropped at this stage are pooled into a new package token ("none": no token), appended;
-  4. every later block masks attention keys to cls + alive spatial + package tokens (each row also sees
+Masked forward (SPEC section 2, "Blocks"): the (B, num_prefix + P, C) token tensor is kept whole. Rows are
+[prefix rows, P spatial tokens in patch order (dropped ones stay in place), package rows]. At stage s,
+before block selector_layers[s]:
+  1. the selector scores every non-prefix row, its global mean over the image's alive rows
+     (alive spatial + package rows; dropped rows excluded);
+  2. the keep decision picks among the alive spatial tokens only (prefix and package rows always stay);
+  3. the tokens dropped at this stage are pooled into a package token ("none": no token); "concat" appends
+     it, "add" appends it at the first stage and adds it to the one package row afterwards;
+  4. every later block masks attention keys to prefix + alive spatial + package rows (each row also sees
      itself, so the dropped rows, which nothing reads any more, stay finite).
-Blocks before the first selector are the plain timm blocks. The cls output equals the one of the pruned
-ragged execution (tested against an independent token-dropping formulation).
+Blocks before the first selector are the plain timm blocks. The head reads the final prefix rows (class
+token; class and distillation tokens, whose two heads are averaged) or, for global_pool="avg", the mean
+over the rows the image still carries (alive patches and package rows). The logits equal the ones of the
+pruned ragged execution (tested against an independent token-dropping formulation).
 
 Inference only: the model is created in eval mode and refuses to run in training mode; the training-time
 Gumbel / soft masks of the paper are not provided.
@@ -34,8 +39,16 @@ from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
 
 
+def head_kind(vit):
+    """How `vit` classifies: "token" (head on the class row), "distilled" (mean of head(cls) and
+    head_dist(dist)) or "avg" (head on the mean of the non-prefix rows)."""
+    if getattr(vit, "dist_token", None) is not None:
+        return "distilled"
+    return "avg" if vit.global_pool == "avg" else "token"
+
+
 class SPViT(nn.Module):
-    """SPViT on a timm VisionTransformer (class token, token pooling). Build with `create_model` / `from_timm`.
+    """SPViT on a timm VisionTransformer. Build with `create_model` / `from_timm`.
 
     `model(images)` -> logits (B, num_classes).
     `model(images, return_info=True)` -> (logits, info), info a dict with, for S stages and B images:
@@ -43,7 +56,7 @@ class SPViT(nn.Module):
                         sorted ascending) image b still has after stage s.
         "num_kept":     int64 CPU tensor (S, B): len(kept_indices[s][b]).
         "num_tokens":   int64 CPU tensor (S, B): tokens image b carries after stage s in the pruned form,
-                        1 (cls) + num_kept + config.num_packages_after(s).
+                        num_prefix + num_kept + config.num_packages_after(s).
         "selector_layers": config.selector_layers (the block each stage sits before).
     """
 
@@ -54,11 +67,14 @@ class SPViT(nn.Module):
         self.config = config
         self.num_heads = vit.blocks[0].attn.num_heads
         self.embed_dim = vit.embed_dim
+        self.num_prefix = int(vit.num_prefix_tokens)
+        self.head_kind = head_kind(vit)
 
     def extra_repr(self):
         c = self.config
         return (f"pruning={c.pruning!r}, keep_ratios={c.keep_ratios}, selector_layers={c.selector_layers}, "
-                f"package={c.package!r}, threshold={c.threshold}")
+                f"package={c.package!r}, package_merge={c.package_merge!r}, threshold={c.threshold}, "
+                f"num_prefix={self.num_prefix}, head={self.head_kind!r}")
 
     def num_keep(self, stage, num_patches):
         """Patches kept by top-k pruning after `stage`: round(keep_ratios[stage] * num_patches)."""
@@ -68,17 +84,21 @@ class SPViT(nn.Module):
         """Raise a TypeError / ValueError naming `images` unless it is (B, in_chans, H, W) as the model expects
         (H, W: the patch embedding's image size where it is fixed)."""
         pe = self.vit.patch_embed
-        in_chans = pe.proj.in_channels
-        fixed = getattr(pe, "strict_img_size", False) and pe.img_size is not None
-        want = f"(B, {in_chans}, {pe.img_size[0]}, {pe.img_size[1]})" if fixed else f"(B, {in_chans}, H, W)"
+        in_chans = next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels  # the stem's first conv
+        # timm's ViT says whether its size is fixed (strict_img_size); stems without that flag (LV-ViT, PiT)
+        # carry a position embedding of one grid, so their img_size is fixed.
+        img_size = getattr(pe, "img_size", None)
+        fixed = img_size is not None and getattr(pe, "strict_img_size", True)
+        want = f"(B, {in_chans}, {img_size[0]}, {img_size[1]})" if fixed else f"(B, {in_chans}, H, W)"
         if not torch.is_tensor(images):
             raise TypeError(f"images must be a tensor of shape {want}, got {type(images).__name__}")
         if (images.dim() != 4 or images.shape[1] != in_chans
-                or (fixed and tuple(images.shape[2:]) != tuple(pe.img_size))):
+                or (fixed and tuple(images.shape[2:]) != tuple(img_size))):
             raise ValueError(f"images must have shape {want}, got {tuple(images.shape)}")
 
     def forward_stem(self, images):
-        """images (B, in_chans, H, W) -> tokens (B, 1 + P, C): patch embed, cls, pos embed, norm_pre."""
+        """images (B, in_chans, H, W) -> tokens (B, num_prefix + P, C): patch embed, prefix tokens, pos
+        embed, norm_pre."""
         self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)
@@ -86,12 +106,29 @@ class SPViT(nn.Module):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def forward_head_from_cls(self, cls):
-        """Final cls rows (B, C), straight out of the last block -> logits (B, num_classes).
+    def final_norm(self, x):
+        """The ViT's final norm, row by row (x (..., C))."""
+        return self.vit.norm(x)
 
-        Applies the final LayerNorm row-wise (the same as normalising the whole sequence, then taking cls)."""
+    def forward_head(self, prefix, pooled):
+        """The classifier on the final rows, already through `final_norm`.
+
+        Args:
+            prefix: (B, num_prefix, C) the prefix rows (read by the "token" and "distilled" heads).
+            pooled: (B, C) the mean of the rows each image still carries after its prefix rows (kept
+                patches and package rows); only read by the "avg" head (None is fine otherwise).
+        Returns:
+            logits (B, num_classes).
+        """
         vit = self.vit
-        return vit.head(vit.head_drop(vit.fc_norm(vit.norm(cls))))
+        if self.head_kind == "distilled":  # timm's VisionTransformerDistilled in eval: mean of the two heads
+            return (vit.head(vit.head_drop(prefix[:, 0])) + vit.head_dist(vit.head_drop(prefix[:, 1]))) / 2
+        feature = pooled if self.head_kind == "avg" else prefix[:, 0]
+        return vit.head(vit.head_drop(vit.fc_norm(feature)))
+
+    def forward_head_from_cls(self, cls):
+        """Final class rows (B, C), straight out of the last block -> logits of a "token" head."""
+        return self.forward_head(self.final_norm(cls)[:, None], None)
 
     def forward(self, images, return_info=False):
         """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True."""
@@ -119,7 +156,7 @@ class SPViT(nn.Module):
         cfg = self.config
         x = self.forward_stem(images)
         B, N0, _ = x.shape
-        P = N0 - 1
+        P = N0 - self.num_prefix
         alive = torch.ones(B, P, dtype=torch.bool, device=x.device)  # spatial tokens not dropped yet
         stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
         masks, bias = [], None
@@ -131,29 +168,51 @@ class SPViT(nn.Module):
                 masks.append(alive)
                 bias = attention_bias(keys, x.dtype)
             x = block(x) if bias is None else masked_block_forward(block, x, bias)
-        return self.forward_head_from_cls(x[:, 0]), masks
+        return self._head_masked(x, alive), masks
+
+    def _head_masked(self, x, alive):
+        """Logits from the final (B, num_prefix + P + packages, C) rows; `alive` (B, P) the surviving patches."""
+        n = self.num_prefix
+        if self.head_kind != "avg":
+            return self.forward_head(self.final_norm(x[:, :n]), None)
+        rows = self._carried(alive, x.shape[1] - n - alive.shape[1])[..., None]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # sum in fp32, as the packed form
+        total = torch.where(rows, self.final_norm(x[:, n:]).to(acc), 0).sum(dim=1)
+        pooled = (total / rows.sum(dim=1).clamp(min=1).to(acc)).to(x.dtype)
+        return self.forward_head(self.final_norm(x[:, :n]), pooled)
+
+    def _carried(self, alive, n_pkg):
+        """(B, P + n_pkg) bool: the non-prefix rows an image still carries (alive patches, package rows)."""
+        return torch.cat([alive, alive.new_ones(alive.shape[0], n_pkg)], dim=1)
 
     def _score_stage(self, stage, x, alive, P):
-        """Selector `stage` on x (B, 1 + P + packages, C); the global mean over alive spatial + package rows."""
-        n_pkg = x.shape[1] - 1 - P
-        rows = torch.cat([alive, torch.ones(x.shape[0], n_pkg, dtype=torch.bool, device=x.device)], dim=1)
-        return self.selectors[stage].score_masked(x[:, 1:], rows)
+        """Selector `stage` on x (B, num_prefix + P + packages, C); the global mean over alive spatial + package
+        rows."""
+        n = self.num_prefix
+        return self.selectors[stage].score_masked(x[:, n:], self._carried(alive, x.shape[1] - n - P))
 
     def _prune_stage(self, stage, x, alive, P):
-        """Score, decide and package at one stage. x (B, 1 + P + packages, C), alive (B, P) bool.
+        """Score, decide and package at one stage. x (B, num_prefix + P + packages, C), alive (B, P) bool.
 
-        Returns (x with the new package row appended, the new alive mask, the attention key mask (B, N))."""
+        Returns (x with the new package row appended or merged, the new alive mask, the attention key mask
+        (B, N))."""
         cfg = self.config
-        B = x.shape[0]
-        n_pkg = x.shape[1] - 1 - P
-        ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=x.device)  # noqa: E731
+        n = self.num_prefix
+        n_pkg = x.shape[1] - n - P
         keep_score, keep_prob = self._score_stage(stage, x, alive, P)
         keep = keep_decision(keep_score[:, :P], alive, cfg.pruning, cfg.threshold_at(stage), self.num_keep(stage, P))
         if cfg.package != "none":
-            package = pool_package(x[:, 1: P + 1], keep_prob[:, :P], alive & ~keep, cfg.package)
-            x = torch.cat([x, package[:, None]], dim=1)
-            n_pkg += 1
-        keys = torch.cat([ones(1), keep, ones(n_pkg)], dim=1)
+            spatial, dropped = x[:, n: n + P], alive & ~keep
+            if cfg.package_merge == "add" and n_pkg > 0:
+                # 1x mode: the new pooled token is added to the one package row; summed in the accumulation
+                # dtype and rounded once, like prune_pack.
+                pooled = pool_package(spatial, keep_prob[:, :P], dropped, cfg.package, dtype=keep_prob.dtype)
+                merged = (x[:, -1].to(pooled.dtype) + pooled).to(x.dtype)
+                x = torch.cat([x[:, :-1], merged[:, None]], dim=1)
+            else:
+                package = pool_package(spatial, keep_prob[:, :P], dropped, cfg.package)
+                x = torch.cat([x, package[:, None]], dim=1)
+        keys = torch.cat([alive.new_ones(x.shape[0], n), self._carried(keep, x.shape[1] - n - P)], dim=1)
         return x, keep, keys
 
     def _info(self, masks):
@@ -164,5 +223,6 @@ class SPViT(nn.Module):
         """The return_info dict from kept (list (S) of lists (B) of int64 CPU tensors of patch indices)."""
         num_kept = torch.tensor([[len(t) for t in stage] for stage in kept], dtype=torch.int64)
         packages = torch.tensor([self.config.num_packages_after(s) for s in range(len(kept))], dtype=torch.int64)
-        return {"kept_indices": kept, "num_kept": num_kept, "num_tokens": 1 + num_kept + packages[:, None],
+        return {"kept_indices": kept, "num_kept": num_kept,
+                "num_tokens": self.num_prefix + num_kept + packages[:, None],
                 "selector_layers": self.config.selector_layers}
