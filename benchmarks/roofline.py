@@ -105,8 +105,10 @@ def issue_time(gpu, trips, row):
 
 
 def op_row(gpu, model, variant, op, tokens, count, flops, bytes_floor, *, t_model=None, bound=None,
-           gemm_eff=None):
-    """One CSV row: floor = max(bytes / bandwidth, FLOPs / tensor peak); model as given (or derived)."""
+           gemm_eff=None, bytes_moved=None):
+    """One CSV row: floor = max(bytes / bandwidth, FLOPs / tensor peak); model as given (or derived).
+    bytes_moved (the modeled DRAM bytes where they exceed the floor's, e.g. scratch): their time over the floor
+    in the column bytes_over_floor, the least model_over_floor can be whatever the instructions."""
     t_bytes = bytes_floor / gpu.bandwidth
     t_flops = flops / gpu.tensor_flops
     floor = max(t_bytes, t_flops)
@@ -118,7 +120,8 @@ def op_row(gpu, model, variant, op, tokens, count, flops, bytes_floor, *, t_mode
     return dict(gpu=gpu.name, model=model, variant=variant, op=op, tokens_per_image=tokens, count=count,
                 gflop=round(count * flops / 1e9, 3), mbytes=round(count * bytes_floor / 1e6, 3),
                 floor_us=round(count * floor * 1e6, 2), modeled_us=round(count * t_model * 1e6, 2),
-                model_over_floor=round(t_model / floor, 2) if floor else "", bound=bound)
+                model_over_floor=round(t_model / floor, 2) if floor else "", bound=bound,
+                bytes_over_floor=round(bytes_moved / gpu.bandwidth / floor, 2) if bytes_moved and floor else "")
 
 
 def attention(gpu, report, model, variant, n, C, H, count):
@@ -165,7 +168,7 @@ def selector_rows(gpu, report, model, n_in, n_out, packages_in, C, H):
     bound = max(times, key=times.get)
     flops = 0  # tiny matmuls on d = 64: counted in the instruction model
     ts = op_row(gpu, model, "accelerated", "token_scores", n_in, 1, flops, floor_bytes, t_model=times[bound],
-                bound=bound)
+                bound=bound, bytes_moved=floor_bytes + scratch)
     pp_bytes = R * C * BYTES + BATCH * n_out * C * BYTES + 3 * 4 * R
     pp = op_row(gpu, model, "accelerated", "prune_pack", f"{n_in}->{n_out}", 1, 0, pp_bytes)
     return [ts, pp]
@@ -236,7 +239,7 @@ def main():
         for variant in ("dense", "accelerated"):
             rows.append(dict(gpu=gpu, model=model, variant=variant, op="TOTAL",
                              tokens_per_image="", count=1, gflop="", mbytes="", floor_us="",
-                             modeled_us=round(s[f"{variant}_us"], 2), model_over_floor="",
+                             modeled_us=round(s[f"{variant}_us"], 2), model_over_floor="", bytes_over_floor="",
                              bound=f"{BATCH / (s[f'{variant}_us'] * 1e-6):.0f} images/s"))
     common.write_csv("roofline", "cpu", rows, label="MODELED", extra_meta={
         "what": "MODELED, not measured: bytes, FLOPs and SASS instruction counts on datasheet peaks",

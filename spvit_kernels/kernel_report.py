@@ -274,8 +274,9 @@ def varlen_attention_stats(arch, dtype, head_dim, max_seqlen):
 
 
 @functools.lru_cache(maxsize=None)
-def token_scores_stats(arch, dtype, channels, num_heads):
-    """The Triton token_scores kernels (per-head, combine) as a launch for (C, H, dtype) compiles them."""
+def token_scores_kernels(arch, dtype, channels, num_heads):
+    """[(kernel name, compiled kernel, launch meta)] of the Triton token_scores kernels (per-head, combine) as a
+    launch for (C, H, dtype) compiles them."""
     from .triton import token_scores as mod
 
     metas = mod.launch_meta(channels, num_heads, dtype, interpret=False)
@@ -291,13 +292,53 @@ def token_scores_stats(arch, dtype, channels, num_heads):
         if "cu_ptr" in types:
             types["cu_ptr"] = "*i32"
         divisible = [a for a in types if a.endswith("_ptr")] + [a for a in types if a.startswith("stride")]
-        k = compile_triton(fn, arch, types, meta["constexprs"], divisible, meta["num_warps"], 1)
+        out.append((kname, compile_triton(fn, arch, types, meta["constexprs"], divisible, meta["num_warps"], 1),
+                     meta))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def token_scores_stats(arch, dtype, channels, num_heads):
+    """The Triton token_scores kernels (per-head, combine) as a launch for (C, H, dtype) compiles them."""
+    out = []
+    for kname, k, meta in token_scores_kernels(arch, dtype, channels, num_heads):
         c = meta["constexprs"]
         config = (f"{str(dtype).replace('torch.', '')} C={channels} H={num_heads} "
                   + " ".join(f"{key}={v}" for key, v in c.items() if key.startswith("BLOCK"))
                   + f" warps={meta['num_warps']}")
         out.append((triton_stats(f"token_scores{kname.replace('_kernel', '')}", config, arch, k,
                                  meta["num_warps"]), c))
+    return out
+
+
+def loop_lines(kernel):
+    """{(source file, line): (instructions, FP32-pipe instructions)} of a compiled Triton kernel's innermost
+    loop bodies, each SASS instruction attributed to the source line nvdisasm's line info gives it (the
+    line of the @triton.jit function the compiler inlined it from, or of triton.language's own code)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = _run([nvidia_tool("nvdisasm"), "-c", "-g", cubin])
+    where, cur = [], (None, None)
+    for line in sass.splitlines():
+        m = re.search(r'//## File "([^"]+)", line (\d+)', line)
+        if m:
+            cur = (m.group(1), int(m.group(2)))
+        elif _INSTR.search(line):
+            where.append(cur)
+    body = sass_functions(sass).get(kernel.metadata.name) or next(iter(sass_functions(sass).values()))
+    instr = body["instr"]
+    if len(where) != len(instr):
+        raise RuntimeError("loop_lines: line info does not match the instructions")
+    out = {}
+    in_loop = {i for a, b in _innermost_loops(instr, body["labels"]) for i in range(a, b + 1)}
+    for i in sorted(in_loop):
+        op = instr[i][1]
+        if op == "NOP":
+            continue
+        n, fp32 = out.get(where[i], (0, 0))
+        out[where[i]] = (n + 1, fp32 + op.startswith(_FP32_PIPE))
     return out
 
 
