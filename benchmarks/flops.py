@@ -60,9 +60,19 @@ def _register_formulas():
         return 2 * (x.shape[0] - copied) * x.shape[1]  # every row not copied is pooled
 
 
-def forward_gflops(fn):
-    """GFLOPs of one call of `fn()` (see the module docstring for what is counted)."""
+def forward_gflops(fn, *modules):
+    """GFLOPs of one call of `fn()` (see the module docstring for what is counted). `modules`: the models
+    `fn` runs; their parameters stop requiring grad during the count (FlopCounterMode's module tracking puts
+    grad hooks on module inputs that require grad, which fails on views of parameters made without autograd,
+    e.g. timm PiT's expanded class token), and are restored after it."""
     _register_formulas()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        fn()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 1e9

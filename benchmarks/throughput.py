@@ -145,7 +145,8 @@ def bench_model(name, mode, args, device, dtype, bar):
         tokens = [round(float(t), 1) for t in info_acc["num_tokens"].float().mean(dim=1)]
         providers = {"dense": lambda: dense(images), "reference": lambda: reference(images),
                      "accelerated": lambda: accelerated(images)}
-        gflops = {provider: forward_gflops(fn) / args.batch for provider, fn in providers.items()}
+        models = {"dense": dense, "reference": reference, "accelerated": accelerated}
+        gflops = {p: forward_gflops(fn, models[p]) / args.batch for p, fn in providers.items()}
         seconds = time_interleaved(providers, device, args.runs, args.warmup)
         for provider, fn in providers.items():
             rows.append({

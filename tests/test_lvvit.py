@@ -245,3 +245,14 @@ def test_gpu_topk_has_no_host_sync():
             acc(images)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_image_shape_and_batch_zero():
+    """LV-ViT's conv stem fixes the image size (its position embedding has one grid): other sizes are named."""
+    ref = _model("topk", "concat", "mean", torch.float32)
+    acc = accelerate(copy.deepcopy(ref))
+    with torch.no_grad():
+        for model in (ref, acc):
+            assert model(torch.zeros(0, 3, 80, 80)).shape == (0, NUM_CLASSES)
+            with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 80, 80\)"):
+                model(torch.zeros(1, 3, 96, 96))

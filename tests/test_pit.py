@@ -249,3 +249,22 @@ def test_gpu_topk_has_no_host_sync():
             acc(images)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_inference_only_batch_zero_and_image_shape():
+    """The accelerated PiT goes through the same forward wrapper as every family: with autograd on its logits'
+    backward raises (the fused ops have none), 0 images give 0 logits, wrong image shapes are named."""
+    ref = _model(48, "topk")
+    acc = accelerate(copy.deepcopy(ref))
+    images = _images(2)
+    with torch.no_grad():
+        want = acc(images)
+    logits = acc(images)
+    torch.testing.assert_close(logits, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        logits.sum().backward()
+    with torch.no_grad():
+        for model in (ref, acc):
+            assert model(torch.zeros(0, 3, IMG, IMG)).shape == (0, NUM_CLASSES)
+            with pytest.raises(ValueError, match=rf"images must have shape \(B, 3, {IMG}, {IMG}\)"):
+                model(torch.zeros(1, 3, IMG + 8, IMG))

@@ -60,10 +60,9 @@ class AcceleratedPiT(SPViTPiT, AcceleratedSPViT):
                 raise ValueError(f"model: head dim {d} is larger than varlen_attention supports "
                                  f"({VARLEN_HEAD_DIMS[-1]})")
 
-    def forward(self, images, return_info=False):
-        """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) (info as SPViTPiT's)."""
-        if self.training:
-            raise RuntimeError("accelerated SPViT models are inference-only: call model.eval() first")
+    def _forward_packed(self, images, return_info):
+        """images (B >= 1, in_chans, H, W) -> logits (B, num_classes), or (logits, info) (info as SPViTPiT's).
+        AcceleratedSPViT.forward wraps it (inference-only checks, batch 0)."""
         grid, rows = self.forward_stem(images)
         stage_rows = []  # for return_info: (cu_seqlens, grid position of every packed row) per selector
         for t_index, t in enumerate(self.vit.transformers):
