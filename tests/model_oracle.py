@@ -83,3 +83,16 @@ def oracle_forward(model, images):
         else:
             logits.append(vit.forward_head(vit.norm(seq[None]))[0])
     return torch.stack(logits), kept, scores, cands
+
+
+def assert_reference_matches_oracle(model, images):
+    """The reference `model` (float64) against oracle_forward: logits within 1e-10, kept sets equal at every
+    stage for every image. Returns the model's return_info dict for further checks."""
+    with torch.no_grad():
+        logits, info = model(images, return_info=True)
+    ref_logits, ref_kept, _, _ = oracle_forward(model, images)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-10)
+    for s, stage in enumerate(ref_kept):
+        for b, kept in enumerate(stage):
+            assert torch.equal(info["kept_indices"][s][b], kept), f"stage {s} image {b}: kept sets differ"
+    return info

@@ -18,9 +18,9 @@ from spvit_kernels import accelerate
 from spvit_kernels.models import calibrate_thresholds, create_model, from_timm
 from spvit_kernels.models.lvvit import LVViT, SPViTLVViT, from_lvvit
 
-from .model_oracle import oracle_forward
+from .model_oracle import assert_reference_matches_oracle, oracle_forward
 from .test_accelerate import GPU_TOLS
-from .test_accelerate import _flip_aware_compare as flip_aware_compare
+from .test_accelerate import assert_no_host_sync, check_gpu_agreement
 from .utils import requires_gpu
 
 NUM_CLASSES = 5
@@ -132,14 +132,7 @@ def test_nothing_pruned_equals_backbone():
 @pytest.mark.parametrize("pruning", PRUNINGS)
 def test_reference_equals_token_dropping(pruning, merge, package):
     model = _model(pruning, merge, package, torch.float64)
-    images = _images(3, torch.float64)
-    with torch.no_grad():
-        logits, info = model(images, return_info=True)
-    ref_logits, ref_kept, _, _ = oracle_forward(model, images)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-10)
-    for s in range(3):
-        for b in range(3):
-            assert torch.equal(info["kept_indices"][s][b], ref_kept[s][b]), f"stage {s} image {b}: kept sets differ"
+    info = assert_reference_matches_oracle(model, _images(3, torch.float64))
     assert 0 < int(info["num_kept"][0].sum()) < 3 * P, "the test must prune some tokens and keep some"
 
 
@@ -222,14 +215,7 @@ def test_gpu_accelerated_matches_reference(pruning, dtype, tol, band):
         calibrate_thresholds(ref, _images(4, dtype, seed=9, size=224).cuda())
     acc = accelerate(copy.deepcopy(ref))
     images = _images(9, dtype, seed=3, size=224).cuda()
-    with torch.inference_mode():
-        logits_ref, info_ref = ref(images, return_info=True)
-        logits_acc, info_acc = acc(images, return_info=True)
-        clean = flip_aware_compare(ref, images, info_ref, info_acc, band)
-    assert logits_acc.dtype == dtype and torch.isfinite(logits_acc).all()
-    assert len(clean) >= images.shape[0] // 2, f"too many images flipped: {images.shape[0] - len(clean)}"
-    scale = logits_ref[clean].float().abs().max()
-    assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
+    check_gpu_agreement(ref, acc, images, band, tol, same_tokens=False)
 
 
 @requires_gpu
@@ -237,14 +223,7 @@ def test_gpu_topk_has_no_host_sync():
     torch.manual_seed(0)
     acc = accelerate(create_model("spvit_lvvit_s", num_classes=NUM_CLASSES).to("cuda", torch.bfloat16))
     images = _images(4, torch.bfloat16, size=224).cuda()
-    with torch.inference_mode():
-        acc(images)  # first call: Triton compiles and autotunes (may synchronise)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            acc(images)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(acc, images)
 
 
 def test_image_shape_and_batch_zero():

@@ -19,7 +19,7 @@ from spvit_kernels.models import SPViTPiT, calibrate_thresholds, create_model, f
 
 from .pit_oracle import pit_oracle_forward
 from .test_accelerate import GPU_TOLS
-from .test_accelerate import _flip_aware_compare as flip_aware_compare
+from .test_accelerate import assert_no_host_sync, check_autocast_bfloat16_cpu, check_gpu_agreement
 from .utils import make_cu_seqlens, requires_gpu
 
 NUM_CLASSES = 5
@@ -124,14 +124,7 @@ def test_compile_fullgraph_topk_cpu():
 
 def test_autocast_bfloat16_cpu():
     ref = _model(48, "topk")
-    acc = accelerate(copy.deepcopy(ref))
-    images = _images(4)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits_ref, info_ref = ref(images, return_info=True)
-        logits_acc, info_acc = acc(images, return_info=True)
-    assert torch.isfinite(logits_acc).all()
-    assert torch.equal(info_acc["num_kept"], info_ref["num_kept"])
-    assert _rel_err(logits_acc.float(), logits_ref.float()) < 0.1  # test_accelerate's autocast tolerance
+    check_autocast_bfloat16_cpu(ref, accelerate(copy.deepcopy(ref)), _images(4))
 
 
 def test_stage_without_selector_runs_dense():
@@ -224,15 +217,7 @@ def test_gpu_accelerated_matches_reference(name, pruning, dtype, tol, band):
     if pruning == "threshold":
         calibrate_thresholds(ref, torch.randn(4, 3, 224, 224, generator=g).to("cuda", dtype))
     acc = accelerate(copy.deepcopy(ref))
-    with torch.inference_mode():
-        logits_ref, info_ref = ref(images, return_info=True)
-        logits_acc, info_acc = acc(images, return_info=True)
-        clean = flip_aware_compare(ref, images, info_ref, info_acc, band)
-    assert logits_acc.dtype == dtype and torch.isfinite(logits_acc).all()
-    assert len(clean) >= images.shape[0] // 2, f"too many images flipped: {images.shape[0] - len(clean)}"
-    scale = logits_ref[clean].float().abs().max()
-    assert ((logits_acc[clean].float() - logits_ref[clean].float()).abs().max() / scale).item() < tol
-    assert torch.equal(info_acc["num_tokens"][:, clean], info_ref["num_tokens"][:, clean])
+    check_gpu_agreement(ref, acc, images, band, tol)
 
 
 @requires_gpu
@@ -241,14 +226,7 @@ def test_gpu_topk_has_no_host_sync():
     torch.manual_seed(0)
     acc = accelerate(create_model("spvit_pit_s", num_classes=NUM_CLASSES).to("cuda", torch.bfloat16))
     images = torch.randn(4, 3, 224, 224).to("cuda", torch.bfloat16)
-    with torch.inference_mode():
-        acc(images)  # first call: Triton compiles and autotunes (may synchronise)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            acc(images)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(acc, images)
 
 
 def test_inference_only_batch_zero_and_image_shape():
