@@ -11,7 +11,7 @@ from spvit_kernels.models import (CheckpointError, CheckpointFormat, SPViT, crea
 
 NUM_CLASSES = 7  # small heads keep the models cheap
 # The smallest model of each family whose paper-layout round trip is tested (families join as they land).
-ROUND_TRIP_MODELS = ["spvit_deit_tiny"]
+ROUND_TRIP_MODELS = ["spvit_deit_tiny", "spvit_lvvit_s", "spvit_pit_ti"]
 
 
 def _model(seed, name="spvit_deit_tiny", **cfg):
@@ -19,8 +19,13 @@ def _model(seed, name="spvit_deit_tiny", **cfg):
     model = create_model(name, num_classes=NUM_CLASSES, **cfg)
     # Fresh LayerNorms are all ones / zeros; randomise every tensor so that a wrong mapping cannot pass.
     with torch.no_grad():
-        for t in model.state_dict().values():
-            t.copy_(torch.randn_like(t))
+        for key, t in model.state_dict().items():
+            if not t.is_floating_point():  # BatchNorm's num_batches_tracked
+                t.copy_(torch.randint_like(t, 1, 1000))
+            elif key.endswith("running_var"):  # a variance stays positive (LV-ViT's stem)
+                t.copy_(torch.rand_like(t) + 0.5)
+            else:
+                t.copy_(torch.randn_like(t))
     return model
 
 

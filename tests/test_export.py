@@ -15,7 +15,7 @@ from spvit_kernels import accelerate
 from spvit_kernels.models import calibrate_thresholds, create_model
 
 # One small model per family (the families added later join this list).
-FAMILY_MODELS = ["spvit_deit_tiny"]
+FAMILY_MODELS = ["spvit_deit_tiny", "spvit_lvvit_s", "spvit_pit_ti"]
 # (dtype, atol, rtol): the exported graph runs the same kernels as eager, so the match is close to exact.
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)]
 NUM_CLASSES = 10
