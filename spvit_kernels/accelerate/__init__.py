@@ -24,6 +24,7 @@ enabled does.
 import torch
 
 from ..models import SPViT
+from ..ops._validate import HEAD_DIMS
 from .inference_only import InferenceOnly, would_record
 from .packed_block import packed_block
 
@@ -95,9 +96,9 @@ class AcceleratedSPViT(SPViT):
         """Raise ValueError if `model` (the reference model about to become this class) cannot run packed."""
         for i, block in enumerate(model.vit.blocks):
             attn = block.attn
-            if attn.head_dim not in (32, 64, 80, 96, 128):
+            if attn.head_dim not in HEAD_DIMS:
                 raise ValueError(f"model: block {i} has head dim {attn.head_dim}; varlen_attention supports "
-                                 "32, 64, 80, 96, 128")
+                                 f"{', '.join(map(str, HEAD_DIMS))}")
 
     def _prune_stage_packed(self, stage, x, cu, n_pkg, P):
         """Score and prune one stage on packed rows. Returns (x_out, cu_seqlens_out, src_index)."""

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.pit import SPViTPiT
+from ..ops._validate import HEAD_DIMS  # the head dims varlen_attention supports
 from ..models.timm_block import attention_output, block_forward, qk_norm
 from . import AcceleratedSPViT
 
-VARLEN_HEAD_DIMS = (32, 64, 80, 96, 128)  # the head dims varlen_attention supports
 
 
 def padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
@@ -28,11 +28,11 @@ def padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     (attention-weighted zeros) are sliced off. softmax_scale must be given (d**-0.5 for timm), as the op's
     default would use the padded size. Returns (T, H, d)."""
     d = q.shape[-1]
-    if d in VARLEN_HEAD_DIMS:
+    if d in HEAD_DIMS:
         return torch.ops.spvit.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    padded = next((n for n in VARLEN_HEAD_DIMS if n > d), None)
+    padded = next((n for n in HEAD_DIMS if n > d), None)
     if padded is None:
-        raise ValueError(f"q: head dim {d} is larger than varlen_attention's largest ({VARLEN_HEAD_DIMS[-1]})")
+        raise ValueError(f"q: head dim {d} is larger than varlen_attention's largest ({HEAD_DIMS[-1]})")
     pad = (0, padded - d)
     out = torch.ops.spvit.varlen_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), cu_seqlens, max_seqlen,
                                            softmax_scale)
@@ -56,9 +56,9 @@ class AcceleratedPiT(SPViTPiT, AcceleratedSPViT):
         """Every head dim is padded up to a supported one: only dims above 128 are refused."""
         for t in model.vit.transformers:
             d = t.blocks[0].attn.head_dim
-            if d > VARLEN_HEAD_DIMS[-1]:
+            if d > HEAD_DIMS[-1]:
                 raise ValueError(f"model: head dim {d} is larger than varlen_attention supports "
-                                 f"({VARLEN_HEAD_DIMS[-1]})")
+                                 f"({HEAD_DIMS[-1]})")
 
     def _forward_packed(self, images, return_info):
         """images (B >= 1, in_chans, H, W) -> logits (B, num_classes), or (logits, info) (info as SPViTPiT's).

@@ -12,8 +12,6 @@ import dataclasses
 
 import torch
 
-from .config import make_config
-from .pit import SPViTPiT, make_pit_config
 from .spvit import SPViT
 
 
@@ -59,14 +57,12 @@ def calibrate_thresholds(model, images, keep_ratios=None):
         raise ValueError("images: a batch of 0 images cannot calibrate thresholds")
     model.check_images(images)
     cfg = model.config
-    # The target counts are top-k's under these ratios; make_config validates them (one per selector,
-    # decreasing, in (0, 1]) before the model is touched.
-    ratios = cfg.keep_ratios if keep_ratios is None else keep_ratios
-    if isinstance(model, SPViTPiT):  # PiT: per-stage ratios, each relative to its own stage's grid
-        target = make_pit_config(model.vit, pruning="topk", selector_layers=cfg.selector_layers, keep_ratios=ratios)
-    else:
-        target = make_config(len(model.vit.blocks), pruning="topk", selector_layers=cfg.selector_layers,
-                             keep_ratios=ratios)
+    # The target counts are top-k's under these ratios; the model's own config rules validate them (DeiT:
+    # one per selector, decreasing, in (0, 1]; PiT: per stage, each relative to its stage's grid) before
+    # the model is touched.
+    target = model.validated_config(pruning="topk", selector_layers=cfg.selector_layers,
+                                    keep_ratios=cfg.keep_ratios if keep_ratios is None else keep_ratios,
+                                    package=cfg.package, package_merge=cfg.package_merge)
     thresholds = [cfg.threshold_at(s) for s in range(cfg.num_stages)]
     # Calibration needs the threshold decision at the earlier stages whatever the model's mode.
     model.config = dataclasses.replace(cfg, pruning="threshold", threshold=tuple(thresholds))

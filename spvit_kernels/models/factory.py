@@ -6,7 +6,6 @@ from .config import make_config, split_config_kwargs
 from .lvvit import create_spvit_lvvit
 from .masked_block import check_block
 from .pit import PIT_MODELS, create_spvit_pit, from_timm_pit
-from .selector import TokenSelector
 from .spvit import SPViT
 
 # DeiT shapes (depth 12, patch 16, 224 px, mlp_ratio 4, qkv_bias): name -> (embed_dim, num_heads).
@@ -137,10 +136,4 @@ def from_timm(vit, **cfg):
 
     if isinstance(vit, PoolingVisionTransformer):  # PiT: its stages and pooling layers, see models/pit.py
         return from_timm_pit(vit, **cfg)
-    H = _check_vit(vit)
-    prune_cfg, _ = split_config_kwargs(cfg)
-    config = make_config(len(vit.blocks), **prune_cfg)
-    ref = next(vit.parameters())
-    selectors = [TokenSelector(vit.embed_dim, H, device=ref.device, dtype=ref.dtype)
-                 for _ in config.selector_layers]
-    return SPViT(vit, selectors, config).eval()
+    return SPViT.around(vit, _check_vit(vit), **cfg)

@@ -18,8 +18,7 @@ patches; dropped patches do not count); with no patch left the aux term is 0.
 import torch
 from torch import nn
 
-from .config import make_config, split_config_kwargs
-from .selector import TokenSelector
+from .config import make_config
 from .spvit import SPViT
 
 # name suffix -> (embed_dim, depth, num_heads, default selector_layers)
@@ -139,7 +138,6 @@ class SPViTLVViT(SPViT):
         self.head_kind = "lvvit"
 
     def forward_stem(self, images):
-        self.check_images(images)
         return self.vit.embed(images)
 
     def forward_head(self, prefix, pooled):
@@ -187,12 +185,7 @@ def from_lvvit(vit, **cfg):
     """
     if not isinstance(vit, LVViT):
         raise TypeError(f"vit must be an LVViT, got {type(vit).__name__}")
-    prune_cfg, _ = split_config_kwargs(cfg)
-    config = make_config(len(vit.blocks), **prune_cfg)
-    H = vit.blocks[0].attn.num_heads
-    ref = next(vit.parameters())
-    selectors = [TokenSelector(vit.embed_dim, H, device=ref.device, dtype=ref.dtype) for _ in config.selector_layers]
-    return SPViTLVViT(vit, selectors, config).eval()
+    return SPViTLVViT.around(vit, vit.blocks[0].attn.num_heads, **cfg)
 
 
 def create_spvit_lvvit(size, num_classes=1000, img_size=224, **prune_cfg):

@@ -134,9 +134,12 @@ class SPViTPiT(SPViT):
                 f"package={c.package!r}, package_merge={c.package_merge!r}, threshold={c.threshold}, "
                 f"stages={self.stages}")
 
+    def validated_config(self, **fields):
+        """`fields` validated by make_pit_config (per-stage ratios, one selector per stage, "add" mode)."""
+        return make_pit_config(self.vit, **fields)
+
     def forward_stem(self, images):
         """images -> (grid (B, C0, H0, W0) with position embedding, class row (B, 1, C0))."""
-        self.check_images(images)
         vit = self.vit
         grid = vit.pos_drop(vit.patch_embed(images) + vit.pos_embed.to(images.dtype))
         return grid, vit.cls_token.expand(grid.shape[0], -1, -1).to(grid.dtype)

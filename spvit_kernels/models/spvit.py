@@ -35,8 +35,10 @@ Gumbel / soft masks of the paper are not provided.
 import torch
 from torch import nn
 
+from .config import make_config, split_config_kwargs
 from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
+from .selector import TokenSelector
 
 
 def head_kind(vit):
@@ -70,11 +72,27 @@ class SPViT(nn.Module):
         self.num_prefix = int(vit.num_prefix_tokens)
         self.head_kind = head_kind(vit)
 
+    @classmethod
+    def around(cls, vit, num_heads, **cfg):
+        """A model of this class around `vit` (kept as is) with fresh selectors of `num_heads` heads on the
+        backbone's device and dtype, the config `cfg` validated for its depth; in eval mode."""
+        prune_cfg, _ = split_config_kwargs(cfg)
+        config = make_config(len(vit.blocks), **prune_cfg)
+        ref = next(vit.parameters())
+        selectors = [TokenSelector(vit.embed_dim, num_heads, device=ref.device, dtype=ref.dtype)
+                     for _ in config.selector_layers]
+        return cls(vit, selectors, config).eval()
+
     def extra_repr(self):
         c = self.config
         return (f"pruning={c.pruning!r}, keep_ratios={c.keep_ratios}, selector_layers={c.selector_layers}, "
                 f"package={c.package!r}, package_merge={c.package_merge!r}, threshold={c.threshold}, "
                 f"num_prefix={self.num_prefix}, head={self.head_kind!r}")
+
+    def validated_config(self, **fields):
+        """`fields` (SPViTConfig's) validated for this model's backbone -> an SPViTConfig (ValueError /
+        TypeError naming the field otherwise). Families with other rules (PiT) override it."""
+        return make_config(len(self.vit.blocks), **fields)
 
     def num_keep(self, stage, num_patches):
         """Patches kept by top-k pruning after `stage`: round(keep_ratios[stage] * num_patches)."""
@@ -98,8 +116,7 @@ class SPViT(nn.Module):
 
     def forward_stem(self, images):
         """images (B, in_chans, H, W) -> tokens (B, num_prefix + P, C): patch embed, prefix tokens, pos
-        embed, norm_pre."""
-        self.check_images(images)
+        embed, norm_pre. `images` has been through check_images (forward / stage_scores check it once)."""
         vit = self.vit
         x = vit.patch_embed(images)
         x = vit._pos_embed(x)
@@ -132,6 +149,7 @@ class SPViT(nn.Module):
 
     def forward(self, images, return_info=False):
         """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True."""
+        self.check_images(images)
         logits, masks = self._run(images)
         if not return_info:
             return logits
@@ -145,6 +163,7 @@ class SPViT(nn.Module):
         `calibrate_thresholds`; the scores of non-candidates are meaningless."""
         if not 0 <= stage < self.config.num_stages:
             raise ValueError(f"stage must lie in [0, {self.config.num_stages}), got {stage}")
+        self.check_images(images)
         return self._run(images, score_stage=stage)
 
     def _run(self, images, score_stage=None):
