@@ -27,6 +27,7 @@ CPU, float32, batch 4, 5 timed runs, so that it finishes in a few minutes.
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -143,10 +144,9 @@ def bench_model(name, mode, args, device, dtype, bar):
             raise SystemExit(f"{name} {mode}: accelerated disagrees with the reference (top-1 agreement {top1:.3f}, "
                              f"max logit error {err:.2e} of scale) - not timing it")
         tokens = [round(float(t), 1) for t in info_acc["num_tokens"].float().mean(dim=1)]
-        providers = {"dense": lambda: dense(images), "reference": lambda: reference(images),
-                     "accelerated": lambda: accelerated(images)}
         models = {"dense": dense, "reference": reference, "accelerated": accelerated}
-        gflops = {p: forward_gflops(fn, models[p]) / args.batch for p, fn in providers.items()}
+        providers = {p: functools.partial(model, images) for p, model in models.items()}
+        gflops = {p: forward_gflops(providers[p], model) / args.batch for p, model in models.items()}
         seconds = time_interleaved(providers, device, args.runs, args.warmup)
         for provider, fn in providers.items():
             rows.append({
