@@ -42,20 +42,29 @@ SPVIT_HOST_DEVICE Segment segment(const int32_t* cu, int64_t b, int64_t T, int64
   return g;
 }
 
+// Old package rows an output image copies as they are: none when the new row is merged into the old one
+// (package_merge "add" with an old package row: `merge`).
+SPVIT_HOST_DEVICE int64_t copied_old(const Segment& g, bool merge) { return merge ? 0 : g.n_old; }
+
+// Output rows of one image that keeps `kept` candidates (new_pkg: 1 when a package row is pooled).
+SPVIT_HOST_DEVICE int64_t out_rows(const Segment& g, int64_t kept, int64_t new_pkg, bool merge) {
+  return g.n_pre + kept + copied_old(g, merge) + new_pkg;
+}
+
 // Rows of a top-k output, fixed by the shapes alone (so that eager, compiled and captured calls agree):
-// B * (Q + k + pkg_out) with Q prefix rows, pkg_out package rows per output image (P + new_pkg in concat
-// mode, 1 in add mode) and k = min(num_keep, T - B * (Q + P)), the most candidates one image can have.
-// An image with fewer than k candidates leaves zero rows with src_index -1 after the last image.
+// B * (Q + k + package rows) with Q prefix rows, package rows = (merge ? 0 : P) + new_pkg per output image
+// (as out_rows counts them) and k = min(num_keep, T - B * (Q + P)), the most candidates one image can
+// have. An image with fewer than k candidates leaves zero rows with src_index -1 after the last image.
 // -1 if that passes int32 (cu_seqlens_out could not index it).
-SPVIT_HOST_DEVICE int64_t topk_output_rows(int64_t B, int64_t T, int64_t P, int64_t Q, int64_t pkg_out,
+SPVIT_HOST_DEVICE int64_t topk_output_rows(int64_t B, int64_t T, int64_t P, int64_t Q, int64_t new_pkg, bool merge,
                                            int64_t num_keep) {
   constexpr int64_t kMax = 2147483647;
-  if (B < 1 || T < 0 || P < 0 || Q < 0 || pkg_out < 0 || num_keep < 0 || P > kMax || Q > kMax || pkg_out > kMax ||
+  if (B < 1 || T < 0 || P < 0 || Q < 0 || new_pkg < 0 || num_keep < 0 || P > kMax || Q > kMax || new_pkg > 1 ||
       T > (int64_t(1) << 62) / (1 + P + Q))
     return -1;
   const int64_t most = T - B * (Q + P) > 0 ? T - B * (Q + P) : 0;
   const int64_t k = num_keep < most ? num_keep : most;
-  const int64_t per_image = Q + pkg_out + k;  // < 2^63: no overflow
+  const int64_t per_image = Q + k + (merge ? 0 : P) + new_pkg;  // < 2^63: no overflow
   if (per_image > kMax / B) return -1;
   return B * per_image;
 }

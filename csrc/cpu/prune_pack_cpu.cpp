@@ -91,8 +91,7 @@ void run(const at::Tensor& x, const int32_t* cu, const float* score, const float
       for (int64_t j = 0; j < g.n_pre; ++j) put(g.start + j);
       for (int64_t i = 0; i < g.n_cand; ++i)
         if (keep[i]) put(g.first + i);
-      if (!merge)
-        for (int64_t j = 0; j < g.n_old; ++j) put(g.pkg_start + j);
+      for (int64_t j = 0; j < copied_old(g, merge); ++j) put(g.pkg_start + j);
       if (package == 0) continue;
 
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -174,8 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
   const int64_t new_pkg = package != 0 ? 1 : 0;
   const bool merge = package_merge == 1 && num_packages > 0;  // the pooled row replaces the old package row
   if (topk && total_rows < 0) {
-    total_rows = topk_output_rows(B, T, num_packages, num_prefix, merge ? num_packages : num_packages + new_pkg,
-                                  num_keep);
+    total_rows = topk_output_rows(B, T, num_packages, num_prefix, new_pkg, merge, num_keep);
     TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
                 "): the top-k output would have more rows than int32 cu_seqlens can index");
   }
@@ -192,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cpu(
         const float* s = score_p + g.first;
         for (int64_t i = 0; i < g.n_cand; ++i) kept += s[i] > thr;
       }
-      offsets[b + 1] = g.n_pre + kept + (merge ? 0 : g.n_old) + new_pkg;
+      offsets[b + 1] = out_rows(g, kept, new_pkg, merge);
     }
   });
   for (int64_t b = 0; b < B; ++b) offsets[b + 1] += offsets[b];

@@ -57,14 +57,6 @@ __device__ __forceinline__ uint32_t score_key(const float* score, int64_t row) {
   return order_key(__float_as_uint(__ldg(score + row)));
 }
 
-// Old package rows copied as they are: none when the new row is merged into the old one.
-__device__ __forceinline__ int64_t copied_old(const Segment& g, int merge) { return merge ? 0 : g.n_old; }
-
-// Output rows of one image.
-__device__ __forceinline__ int64_t out_rows(const Segment& g, int64_t kept, int new_pkg, int merge) {
-  return g.n_pre + kept + copied_old(g, merge) + new_pkg;
-}
-
 __device__ __forceinline__ int clamp_cu(int64_t v, int64_t total_rows) {
   return static_cast<int>(min(v, min(total_rows, kInt32Max)));
 }
@@ -513,8 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_pack_cuda(
   const int merge = (package_merge == 1 && num_packages > 0) ? 1 : 0;  // the pooled row replaces the old one
   const bool topk = mode == 1;
   if (topk && total_rows < 0) {  // top-k's size is fixed by the shapes: no synchronisation
-    total_rows = topk_output_rows(B, T, num_packages, num_prefix, merge ? num_packages : num_packages + new_pkg,
-                                  num_keep);
+    total_rows = topk_output_rows(B, T, num_packages, num_prefix, new_pkg, merge, num_keep);
     TORCH_CHECK(total_rows >= 0, "num_keep = ", num_keep, " (num_packages = ", num_packages, ", B = ", B,
                 "): the top-k output would have more rows than int32 cu_seqlens can index");
   }
