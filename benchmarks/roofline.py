@@ -12,8 +12,10 @@ gives the A100 / H100 floor (whichever of bytes / bandwidth and FLOPs / peak bin
     instructions x loop trips, split into the FP32 pipe, the MUFU and all issue slots; the modeled time is the
     largest of bytes / bandwidth, padded tensor FLOPs / peak, FP32 instructions / FP32 lanes, MUFU
     instructions / MUFU lanes and all instructions / issue slots. Bytes count each tensor once from DRAM
-    (re-reads of K/V tiles and of the token_scores scratch are assumed to hit L2; the scratch's write-back
-    counts).
+    (re-reads of K/V tiles, token_scores' second pass over its rows of x and its scratch are assumed to hit
+    L2; the scratch's write-back counts). token_scores rows also give l2_working_set_mb: the x rows that the
+    resident per-head programs (the report's blocks_per_sm on every SM) hold between their two passes, to
+    set against the L2 (A100 40 MB, H100 50 MB: the two datasheets).
   * prune_pack: bytes only (its floor), as its gathers are bandwidth-bound.
 Occupancy, latency, launch overheads, L2 misses and clocks below boost are not modeled: real times will be
 longer; the ratios between ops and between dense and accelerated are the useful part.
@@ -53,12 +55,13 @@ class Gpu:
     sms: int
     clock: float  # Hz
     fp32_lanes: int  # per SM and clock
+    l2_bytes: float
     issue: int = 128
     mufu_lanes: int = 16
 
 
-GPUS = [Gpu("A100-SXM4-80GB", 80, 2039e9, 312e12, 108, 1.41e9, 64),
-        Gpu("H100-SXM5-80GB", 90, 3350e9, 989e12, 132, 1.98e9, 128)]
+GPUS = [Gpu("A100-SXM4-80GB", 80, 2039e9, 312e12, 108, 1.41e9, 64, 40e6),
+        Gpu("H100-SXM5-80GB", 90, 3350e9, 989e12, 132, 1.98e9, 128, 50e6)]
 MODELS = [("DeiT-T", 192, 3), ("DeiT-S", 384, 6), ("DeiT-B", 768, 12)]
 BATCH = 256
 PATCHES = 196
@@ -159,9 +162,8 @@ def selector_rows(gpu, report, model, n_in, n_out, packages_in, C, H):
     head = report_row(report, "token_scores_head", gpu.arch, lambda r: f"C={C} H={H} " in r["config"])
     comb = report_row(report, "token_scores_combine", gpu.arch, lambda r: f"C={C} H={H} " in r["config"])
     bm, br = int(_config(head)["BLOCK_M"]), int(_config(comb)["BLOCK_R"])
-    d2 = int(_config(head)["BLOCK_D2"])
     floor_bytes = R * C * BYTES + 2 * 4 * R
-    scratch = R * H * d2 * BYTES + 2 * (R * H * 4 * 2)  # pre written back; diff / h_bar written and read
+    scratch = 3 * (R * H * 4 * 2)  # l0 - l1, h_bar and rstd per row and head, written and read
     t1, b1 = issue_time(gpu, BATCH * H * math.ceil((n_in - 1) / bm), head)
     t2, _ = issue_time(gpu, BATCH * math.ceil(n_in / br), comb)
     times = {"bytes": (floor_bytes + scratch) / gpu.bandwidth, b1: t1 + t2}
@@ -169,6 +171,9 @@ def selector_rows(gpu, report, model, n_in, n_out, packages_in, C, H):
     flops = 0  # tiny matmuls on d = 64: counted in the instruction model
     ts = op_row(gpu, model, "accelerated", "token_scores", n_in, 1, flops, floor_bytes, t_model=times[bound],
                 bound=bound, bytes_moved=floor_bytes + scratch)
+    resident = min(BATCH * H, int(head["blocks_per_sm"]) * gpu.sms)  # per-head programs on the GPU at once
+    ts["l2_working_set_mb"] = round(resident * (n_in - 1) * (C // H) * BYTES / 1e6, 1)
+    ts["l2_mb"] = gpu.l2_bytes / 1e6
     pp_bytes = R * C * BYTES + BATCH * n_out * C * BYTES + 3 * 4 * R
     pp = op_row(gpu, model, "accelerated", "prune_pack", f"{n_in}->{n_out}", 1, 0, pp_bytes)
     return [ts, pp]

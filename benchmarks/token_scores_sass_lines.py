@@ -27,7 +27,8 @@ CHANNELS, HEADS = 384, 6
 ARCHS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float16)
 # Functions of token_scores.py whose lines all belong to one part.
-FUNCTION_PARTS = {"_gelu": "GELU", "_mma": "dots (HMMA, operand packing)", "_centered_tile": "LayerNorm"}
+FUNCTION_PARTS = {"_gelu": "GELU", "_mma": "dots (HMMA, operand packing)", "_layer_norm_stats": "LayerNorm",
+                  "_load_head_rows": "x loads"}
 
 
 def _enclosing_function(src_lines, line):
@@ -48,7 +49,7 @@ def part_of(path, line, src_path, src_lines):
     if fn in FUNCTION_PARTS:
         return FUNCTION_PARTS[fn]
     text = src_lines[line - 1]
-    if "acc +=" in text:
+    if "acc" in text and ("acc +=" in text or "acc = " in text):
         return "global mean accumulation"
     if "tl.store" in text or "tl.load" in text:
         return "scratch loads and stores"

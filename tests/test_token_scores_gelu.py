@@ -1,8 +1,9 @@
 """The polynomial erf GELU of the Triton token_scores kernels against the exact GELU in float64.
 
-`_gelu` has two forms (spvit_kernels/triton/token_scores.py): the float32 tokens' (Abramowitz & Stegun 7.1.28,
-documented |gelu error| < 1e-6) and the 16-bit tokens' cheaper fit (documented |erf error| <= 1.3e-4, |gelu
-error| <= 1.9e-4). Both are run elementwise on a dense grid of [-12, 12] plus the large and tiny values a
+`_gelu` has two forms (spvit_kernels/triton/token_scores.py), both 0.5 erfc = exp2(polynomial): the float32
+tokens' degree 5 (documented |gelu error| < 1e-6: 4.8e-7 from the fit, the rest the float32 rounding of
+x itself near |x| = 12) and the 16-bit tokens' degree 3 (documented |gelu error|
+<= 5.5e-5). Both are run elementwise on a dense grid of [-12, 12] plus the large and tiny values a
 dot output can take; the errors must stay within the documented bounds, large negative inputs must give 0
 (to 1e-12) and large positive ones x itself (no NaN, no inf - inf). On a GPU the same kernel runs in CUDA.
 """
@@ -19,8 +20,9 @@ from spvit_kernels.triton.token_scores import _gelu
 from .utils import poison_like, requires_gpu, requires_triton_interpret
 
 BLOCK = 1024
-# (FAST_GELU, the largest |gelu error| allowed): the documented bounds, rounded up.
-GELU_BOUNDS = [(False, 1e-6), (True, 2e-4)]
+# (FAST_GELU, the largest |gelu error| allowed): the documented bounds, rounded up (room for the GPU's
+# approximate exp2, MUFU.EX2, about 2 ulp).
+GELU_BOUNDS = [(False, 1e-6), (True, 6e-5)]
 
 
 @triton.jit

@@ -4,26 +4,31 @@ Two launches, no host synchronisation, no atomics. Each image's rows are [num_pr
 candidates, num_packages package rows]; S is every row but the prefix.
 
 1. `_head_kernel`, grid (B, H): one program per (image, head), 16-row tiles, runtime loop bounds read from
-   cu_seqlens (no max length on the host). x is read once:
-   - phase 1 (rows of S): LayerNorm of the head's d channels; u_glob = GELU(xn @ W_in[d/2:]^T + b_in[d/2:])
-     on tensor cores, summed over the rows in a fixed order; its mean g enters the first score layer as a
-     per-(image, head) bias: W1 @ [local, g] + b1 = W1[:, :d/2] @ local + (W1[:, d/2:] @ g + b1). So the
-     local half can go through the first layer before g is known: pre = GELU(xn @ W_in[:d/2]^T +
-     b_in[:d/2]) @ W1[:, :d/2]^T is written to scratch (d/2 values per row and head), with the LayerNorm
-     mean, which is exactly the SE branch's head mean h_bar.
-   - phase 2 (candidate rows, after a block barrier): GELU(pre + bias1), the second GELU layer (tensor
-     cores) and the keep-minus-drop logit difference, written per row and head.
+   cu_seqlens (no max length on the host). Nothing but three floats per row and head leaves the chip:
+   - pass 1 (rows of S): the LayerNorm statistics of the head's d channels (mean = the SE branch's head
+     mean h_bar, and rstd, both written per row and head); the global half u = GELU(LN(x) @ W_in[d/2:]^T +
+     b_in[d/2:]) on tensor cores, summed over the rows in a fixed order, so that its mean g is known when
+     the pass ends.
+   - pass 2 (candidate rows, after a block barrier), reading the program's own x rows again (from L2, just
+     read in pass 1): the local half GELU(LN(x) @ W_in[:d/2]^T + b_in[:d/2]), the first score layer with g
+     entering as a per-(image, head) bias -- W1 @ [local, g] + b1 = W1[:, :d/2] @ local + (W1[:, d/2:] @ g +
+     b1) --, the second, and the keep-minus-drop logit difference, written per row and head.
+   The LayerNorm's affine part and its centring are folded into W_in (`_ln_folded_half`): the rows need only
+   rstd. For 16-bit tokens the row sums of x and x^2 run on the tensor cores too (`_layer_norm_stats`), so
+   the FP32 pipe, which binds this kernel on an A100, is left mostly to the GELUs.
 2. `_combine_kernel`, grid (B,): per row, the SE head weights w from h_bar, then keep_score = sum_h w_h (l0_h
    - l1_h) / sum_h w_h (log_softmax[0] - log_softmax[1] = l0 - l1) and keep_prob = sum_h w_h sigmoid(l0_h -
    l1_h) / sum_h w_h; prefix and package rows get +inf / 1.
 
-GELU is the exact (erf) form through a polynomial erf (see `_gelu`): accurate to 3e-7 for float32 tokens, to
-1.3e-4 for 16-bit tokens (whose dot operands round far coarser); under half the instructions of libdevice's
-erf. Offline SASS of both kernels: benchmarks/kernel_report.py.
-Scratch: two (T, H) float32 buffers (1/16 of the token bytes for d = 64 in bf16) and pre, (T, H, d/2) in
-the tokens' dtype (half the token bytes), written and read back by the same program, mostly from L2.
-Precision: LayerNorm, GELU, reductions and accumulation in float32; tl.dot operands in the tokens' dtype
-(float16 / bfloat16 on tensor cores), or exact float32 ("ieee") for float32 tokens.
+GELU is the exact (erf) form through 0.5 erfc = exp2(polynomial) (see `_gelu`): accurate to 1e-6 for
+float32 tokens, to 5.5e-5 for 16-bit tokens (whose dot operands round far coarser); a third of the
+instructions of libdevice's erf. Offline SASS of both kernels: benchmarks/kernel_report.py.
+Scratch: three (T, H) float32 buffers (l0 - l1, h_bar, rstd: 3/32 of the token bytes for d = 64 in bf16).
+Precision: LayerNorm statistics, GELU, reductions and accumulation in float32; tl.dot operands in the
+tokens' dtype (float16 / bfloat16 on tensor cores; x itself unrounded), or exact float32 ("ieee") for float32
+tokens, whose rows are also centred before their dot. With 16-bit tokens the centring sits in the rounded
+weights, so the dot's rounding error grows with a head slice's |mean| / std (tests check a common offset of
+5 standard deviations).
 Row offsets are 64-bit; segment bounds are clamped to [0, T], so bad cu_seqlens never index out of bounds.
 """
 
@@ -36,50 +41,37 @@ import triton.language as tl
 _DOT_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-# GELU 0.5 x (1 + erf(x / sqrt 2)) through r = 1 - erf(|x| / sqrt 2) in the form 1 / p(|x|)^n, p a polynomial:
-# gelu(x) = max(x, 0) - 0.5 |x| r for either sign. The 0.5 is folded into p's coefficients as a factor
-# 2^(1/n): 0.5 r is then one MUFU.RSQ of a power of p and squarings, never an IEEE division.
-# Large |x| give p^n = inf, rsqrt = 0 and gelu = max(x, 0) (never NaN for finite x).
-#  - float32 tokens (FAST_GELU False): erf(z) = 1 - 1 / (1 + a1 z + ... + a6 z^6)^16 (Abramowitz & Stegun
-#    7.1.28, |erf error| <= 3e-7, the same formula as csrc/cpu/token_scores_cpu.cpp), the coefficients
-#    a_k 2^(-k/2) 2^(1/16): 6 FMAs, 13 FP32 instructions and a MUFU per element.
-#  - 16-bit tokens (FAST_GELU True): n = 8 and a degree-4 p fitted for the smallest largest |erf error| on
-#    [0, 9] (weighted least squares, reweighted towards minimax). Measured against torch.erf in float64 on
-#    [-12, 12] (4M points, evaluated in float32): |erf error| <= 1.3e-4 (largest near 0, where the GELU
-#    multiplies it by |x|), |gelu error| <= 1.9e-4 (near |x| = 3) -- below the rounding of the GELU's output
-#    to the 16-bit dot operands (fp16: 4.9e-4 relative) and invisible in the interpreter tests' errors.
-#    10 FP32 instructions and a MUFU: the GELU is most of the kernel's FP32 work (112 per row and head at
-#    d = 64).
+# GELU 0.5 x (1 + erf(x / sqrt 2)) = max(x, 0) - |x| t(|x|), t(a) = 0.5 erfc(a / sqrt 2) = P(X > a) for a standard
+# normal X. log2 t is smooth and concave on [0, inf), so t = exp2(p(a)) with a short polynomial p (fitted for the
+# smallest largest |gelu error| on [0, 12], minimax by Nelder-Mead): a few FMAs and one MUFU.EX2, no division,
+# no erf. p decreases to -inf, so large |x| give t = 0 and gelu = max(x, 0) (never NaN for finite x).
+#  - 16-bit tokens (FAST_GELU True): degree 3, |gelu error| <= 5.5e-5 (float32 evaluation) -- below the
+#    rounding of the GELU's output to the 16-bit dot operands (fp16: 4.9e-4 relative). 5 FP32 instructions
+#    (3 FFMA, FMNMX, FFMA) and a MUFU per element: the GELU is most of the kernel's FP32 work (112 per row and
+#    head at d = 64).
+#  - float32 tokens (FAST_GELU False) and the SE branch: degree 5, fit error <= 4.8e-7 (|gelu error| < 1e-6
+#    with the rounding of the float32 result).
+# tests/test_token_scores_gelu.py holds both to their bounds against torch.erf in float64.
 @triton.jit
 def _gelu(x, FAST_GELU: tl.constexpr):
     a = tl.abs(x)
     if FAST_GELU:
-        q = 3.0176627490863476e-03 * a + 5.5212200500600606e-03
-        q = q * a + 5.143471319136756e-02
-        q = q * a + 1.0821423102305804e-01
-        q = q * a + 1.0905242615128075
-        q = q * q
-        q = q * q
-        s = tl.math.rsqrt(q * q)  # 2^(-1/2) p^-4
-        return tl.maximum(x, 0.0) - a * (s * s)
+        p = -0.024885633771299334 * a - 0.49882000444411917
+        p = p * a - 1.1292459972609055
+        p = p * a - 1.0035317128568024
     else:
-        q = 5.6212996639622074e-06 * a + 5.105520900865983e-05
-        q = q * a + 3.96861370110139e-05
-        q = q * a + 0.0034227392389008246
-        q = q * a + 0.022076998456581714
-        q = q * a + 0.052075163036630574
-        q = q * a + 1.0442737824274138
-        q = q * q
-        q = q * q
-        s = tl.math.rsqrt(q * q)  # 2^(-1/2) q^-4
-        s = s * s
-        return tl.maximum(x, 0.0) - a * (s * s)
+        p = -0.00047368191577049936 * a + 0.007087491395068797
+        p = p * a - 0.05183580832652855
+        p = p * a - 0.45998158699593983
+        p = p * a - 1.150793983781294
+        p = p * a - 1.0000364452660517
+    return tl.maximum(x, 0.0) - a * tl.exp2(p)
 
 
 @triton.jit
 def _mma(a, b, c, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """c + a (fp32 registers) @ b (DOT_DTYPE tile), accumulated in fp32 (c: the bias, broadcast to the output
-    tile, so that the tensor cores add it).
+    """c + a @ b (a: fp32 or DOT_DTYPE registers, b: a DOT_DTYPE tile), accumulated in fp32 (c: the bias,
+    broadcast to the output tile, so that the tensor cores add it).
 
     EMULATE (TRITON_INTERPRET=1 with bfloat16 only): the interpreter multiplies the raw uint16 bit patterns of
     bfloat16 dot operands (triton-lang/triton#11584), so the operands are rounded to bfloat16 and multiplied
@@ -102,25 +94,66 @@ def _segment(cu_ptr, b, T, num_packages, num_prefix):
 
 
 @triton.jit
-def _centered_tile(x_img, lr, rmask, stride_x, offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The head slice of rows lr (offsets from x_img): (x - mean [BM, BD] fp32, mean [BM], rstd [BM]) of the
-    LayerNorm (eps 1e-5); its affine part is folded into the next layer's weights."""
-    x = tl.load(x_img + lr[:, None] * stride_x + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = x - mean[:, None]
-    if D != BLOCK_D:  # padded columns must not enter the variance
-        xc = tl.where(dmask[None, :], xc, 0.0)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + 1e-5)
-    return xc, mean, rstd
+def _load_head_rows(x_img, lr, rmask, stride_x, offs_d, dmask):
+    """The head slice of rows lr (offsets from x_img) in the tokens' dtype, zero where masked."""
+    return tl.load(x_img + lr[:, None] * stride_x + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _layer_norm_stats(x, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      PRECISION: tl.constexpr, EMULATE: tl.constexpr, EXACT_LN: tl.constexpr):
+    """(dot operand, mean, rstd) of the rows of the tile x (LayerNorm eps 1e-5).
+
+    The operand goes into a dot with centred weights (`_ln_folded_half`), which subtract the mean themselves.
+    EXACT_LN (float32 tokens): the rows centred (x - mean: the dot then sees no large common offset) and the
+    variance of the centred rows. Otherwise (16-bit tokens) x itself, and the row sums on the tensor cores,
+    exact products in fp32: sum x = x @ e0 (e0: ones in the first column), sum x^2 = the diagonal of the Gram
+    tile x @ x^T; the variance is E[x^2] - mean^2 in fp32, whose relative error, about 1e-7 (1 + mean^2 /
+    var), stays far below the tokens' own rounding (bf16: 3.9e-3). This takes the LayerNorm off the FP32 pipe,
+    which binds the kernel."""
+    if EXACT_LN:
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=1) / D
+        xc = xf - mean[:, None]
+        if D != BLOCK_D:  # padded columns must not enter the variance
+            xc = tl.where(dmask[None, :], xc, 0.0)
+        return xc, mean, tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + 1e-5)
+    else:
+        BM: tl.constexpr = x.shape[0]
+        zero = tl.zeros([BM, BM], dtype=tl.float32)
+        col = tl.arange(0, BM)
+        e0 = tl.where((tl.arange(0, BLOCK_D)[:, None] >= 0) & (col[None, :] == 0), 1.0, 0.0).to(DOT_DTYPE)
+        mean = tl.sum(_mma(x, e0, zero, DOT_DTYPE, PRECISION, EMULATE), axis=1) / D
+        gram = _mma(x, tl.trans(x), zero, DOT_DTYPE, PRECISION, EMULATE)
+        sumsq = tl.sum(tl.where(col[:, None] == col[None, :], gram, 0.0), axis=1)
+        var = tl.maximum(sumsq / D - mean * mean, 0.0)
+        return x, mean, tl.math.rsqrt(var + 1e-5)
+
+
+@triton.jit
+def _ln_folded_half(w_in_ptr, b_in_ptr, lnw, lnb, row0_w, offs_d, offs_n, dmask, nmask,
+                    D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Half of the first layer, rows row0_w .. row0_w + D/2 of W_in, with the LayerNorm's affine part and its
+    centring folded in: LN(x) @ W^T + b = rstd * (x @ W'^T) + b', where W'[n, k] = W[n, k] lnw[k] - mean_k of
+    that, and b' = b + W @ lnb. The centred weights make x @ W'^T = (x - mean) @ (W lnw)^T, so the rows need
+    only rstd, never x - mean. Returns (W' as a (k, n) DOT_DTYPE tile, b' (n,) fp32)."""
+    kn_mask = dmask[:, None] & nmask[None, :]
+    w = tl.load(w_in_ptr + (row0_w + offs_n[None, :]) * D + offs_d[:, None], mask=kn_mask, other=0.0)
+    w = w.to(tl.float32)
+    b = tl.load(b_in_ptr + row0_w + offs_n, mask=nmask, other=0.0).to(tl.float32) + tl.sum(w * lnb[:, None], 0)
+    w = w * lnw[:, None]
+    w = tl.where(kn_mask, w - (tl.sum(w, axis=0) / D)[None, :], 0.0)
+    return w.to(DOT_DTYPE), b
 
 
 @triton.jit(do_not_specialize=["T", "num_packages", "num_prefix"])
-def _head_kernel(x_ptr, stride_x, cu_ptr, pre_ptr, diff_ptr, hbar_ptr, T, H, num_packages, num_prefix,
+def _head_kernel(x_ptr, stride_x, cu_ptr, diff_ptr, hbar_ptr, rstd_ptr, T, H, num_packages, num_prefix,
                  lnw_ptr, lnb_ptr, w_in_ptr, b_in_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                  BLOCK_D4: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 EMULATE: tl.constexpr, OFFSETS_64: tl.constexpr, FAST_GELU: tl.constexpr):
+                 EMULATE: tl.constexpr, OFFSETS_64: tl.constexpr, FAST_GELU: tl.constexpr,
+                 EXACT_LN: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     D2: tl.constexpr = D // 2
@@ -140,60 +173,56 @@ def _head_kernel(x_ptr, stride_x, cu_ptr, pre_ptr, diff_ptr, hbar_ptr, T, H, num
 
     # 64-bit scalar bases of this image and head; 32-bit offsets inside the image unless T * row stride
     # can reach 2**31 (OFFSETS_64), which keeps the per-element address arithmetic small.
-    pre_row: tl.constexpr = BLOCK_D2  # scratch row of one (row, head)
     x_img = x_ptr + row0 * stride_x + h * D
-    pre_img = pre_ptr + (row0 * H + h) * pre_row
     hbar_img = hbar_ptr + row0 * H + h
+    rstd_img = rstd_ptr + row0 * H + h
     diff_img = diff_ptr + row0 * H + h
     if OFFSETS_64:
         offs_m = offs_m.to(tl.int64)
 
-    # LayerNorm's affine part folded into W_in: (xc * rstd * lnw + lnb) @ W^T = rstd * (xc @ (W * lnw)^T) +
-    # W @ lnb, so the rows need only x - mean and rstd. W_in[n, k] (local half) and W_in[D2 + n, k] (global
-    # half) as (k, n) tiles, the B operands of the dots.
     lnw = tl.load(lnw_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     lnb = tl.load(lnb_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    kn_mask = dmask[:, None] & nmask[None, :]
-    w_loc = tl.load(w_in_ptr + offs_n[None, :] * D + offs_d[:, None], mask=kn_mask, other=0.0).to(tl.float32)
-    b_loc = tl.load(b_in_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32) + tl.sum(w_loc * lnb[:, None], 0)
-    w_loc = (w_loc * lnw[:, None]).to(DOT_DTYPE)
-    w_glob = tl.load(w_in_ptr + (D2 + offs_n[None, :]) * D + offs_d[:, None], mask=kn_mask,
-                     other=0.0).to(tl.float32)
-    b_glob = (tl.load(b_in_ptr + D2 + offs_n, mask=nmask, other=0.0).to(tl.float32)
-              + tl.sum(w_glob * lnb[:, None], 0))
-    w_glob = (w_glob * lnw[:, None]).to(DOT_DTYPE)
-    kk_mask = k2mask[:, None] & nmask[None, :]
-    w1_loc = tl.load(w1_ptr + offs_n[None, :] * D + offs_k2[:, None], mask=kk_mask, other=0.0)
-    w1_loc = w1_loc.to(tl.float32).to(DOT_DTYPE)
-
-    # ---- phase 1, the one pass over x (rows of S): LayerNorm; the global half GELU(xn @ W_in[D2:]^T +
-    # b_in[D2:]) summed over the rows in a fixed order; the local half u_loc = GELU(xn @ W_in[:D2]^T +
-    # b_in[:D2]) taken through the first score layer's local columns, pre = u_loc @ W1[:, :D2]^T, which does
-    # not need the global mean g yet. pre (D2 values per row and head) goes to scratch, the LayerNorm mean
-    # (the SE branch's h_bar) to hbar.
+    w_glob, b_glob = _ln_folded_half(w_in_ptr, b_in_ptr, lnw, lnb, D2, offs_d, offs_n, dmask, nmask, D, DOT_DTYPE)
     zero_mn = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    # Per-position partial sums, reduced over the rows once after the loop (not a cross-lane reduction per
-    # tile). Fixed loop order and tile reduction: the same input gives bitwise the same sum.
+
+    # ---- pass 1 over the rows of S: LayerNorm statistics (mean = the SE branch's h_bar, and rstd, kept for
+    # pass 2) and the global half u = GELU(LN(x) @ W_in[D2:]^T + b_in[D2:]) summed over the rows, in a fixed
+    # order: the same input gives bitwise the same sum. 16-bit tokens: the column sums of u (rounded to the dot
+    # dtype, as every dot operand here) on the tensor cores, e0 @ u with e0 = ones in the first row, into row
+    # 0 of acc, instead of 32 FP32 adds per row; float32 tokens: per-position partial sums, reduced once after
+    # the loop. Padded rows of the last tile are not masked in the loop (x = 0 there gives u = GELU(b'),
+    # exactly): their sum is taken off once after it.
     acc = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    e0 = tl.where((offs_m[:, None] == 0) & (offs_m[None, :] >= 0), 1.0, 0.0)
     for r in range(0, m, BLOCK_M):
         lr = r + offs_m  # rows from row0
         rmask = lr < m
-        xc, mean, rstd = _centered_tile(x_img, lr, rmask, stride_x, offs_d, dmask, D, BLOCK_D)
-        u = _gelu(_mma(xc, w_glob, zero_mn, DOT_DTYPE, PRECISION, EMULATE) * rstd[:, None] + b_glob[None, :],
+        x = _load_head_rows(x_img, lr, rmask, stride_x, offs_d, dmask)
+        x, mean, rstd = _layer_norm_stats(x, dmask, D, BLOCK_D, DOT_DTYPE, PRECISION, EMULATE, EXACT_LN)
+        u = _gelu(_mma(x, w_glob, zero_mn, DOT_DTYPE, PRECISION, EMULATE) * rstd[:, None] + b_glob[None, :],
                   FAST_GELU)
-        acc += tl.where(rmask[:, None], u, 0.0)
+        if EXACT_LN:
+            acc += u
+        else:
+            acc = _mma(e0, u.to(DOT_DTYPE), acc, DOT_DTYPE, PRECISION, EMULATE)
         smask = lr < n_sp
-        u_loc = _gelu(_mma(xc, w_loc, zero_mn, DOT_DTYPE, PRECISION, EMULATE) * rstd[:, None] + b_loc[None, :],
-                      FAST_GELU)
-        pre = _mma(u_loc, w1_loc, zero_mn, DOT_DTYPE, PRECISION, EMULATE)
-        tl.store(pre_img + lr[:, None] * (H * pre_row) + offs_n[None, :], pre.to(pre_ptr.dtype.element_ty),
-                 mask=smask[:, None])
         tl.store(hbar_img + lr * H, mean, mask=smask)
-    g = tl.sum(acc, axis=0) / tl.maximum(m, 1).to(tl.float32)
-    # bias1 = W1[:, D2:] @ g + b1, once per (image, head) in fp32. Tile (k, n) = W1[n, D2 + k].
+        tl.store(rstd_img + lr * H, rstd, mask=smask)
+    n_pad = (tl.cdiv(m, BLOCK_M) * BLOCK_M - m).to(tl.float32)
+    u_pad = _gelu(b_glob, FAST_GELU)
+    if not EXACT_LN:
+        u_pad = u_pad.to(DOT_DTYPE).to(tl.float32)
+    g = (tl.sum(acc, axis=0) - n_pad * u_pad) / tl.maximum(m, 1).to(tl.float32)
+
+    # The rest of the score MLP. The first score layer on [local, g]: W1 @ [local, g] + b1 = W1[:, :D2] @ local
+    # + bias1 with bias1 = W1[:, D2:] @ g + b1, once per (image, head) in fp32, added by the tensor cores.
+    w_loc, b_loc = _ln_folded_half(w_in_ptr, b_in_ptr, lnw, lnb, 0, offs_d, offs_n, dmask, nmask, D, DOT_DTYPE)
+    kk_mask = k2mask[:, None] & nmask[None, :]
+    w1_loc = tl.load(w1_ptr + offs_n[None, :] * D + offs_k2[:, None], mask=kk_mask, other=0.0)
+    w1_loc = w1_loc.to(tl.float32).to(DOT_DTYPE)
     w1_glob = tl.load(w1_ptr + offs_n[None, :] * D + D2 + offs_k2[:, None], mask=kk_mask, other=0.0)
     b1 = tl.load(b1_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    bias1 = tl.sum(w1_glob.to(tl.float32) * g[:, None], axis=0) + b1
+    bias1 = zero_mn + (tl.sum(w1_glob.to(tl.float32) * g[:, None], axis=0) + b1)[None, :]
     # W2[q, k] as a (k, q) tile.
     w2t = tl.load(w2_ptr + offs_q[None, :] * D2 + offs_k2[:, None], mask=k2mask[:, None] & qmask[None, :],
                   other=0.0).to(tl.float32).to(DOT_DTYPE)
@@ -203,17 +232,21 @@ def _head_kernel(x_ptr, stride_x, cu_ptr, pre_ptr, diff_ptr, hbar_ptr, T, H, num
     w3d = (tl.load(w3_ptr + offs_q, mask=qmask, other=0.0).to(tl.float32)
            - tl.load(w3_ptr + D4 + offs_q, mask=qmask, other=0.0).to(tl.float32))
     b3d = tl.load(b3_ptr).to(tl.float32) - tl.load(b3_ptr + 1).to(tl.float32)
-    # The scratch rows were written by other threads of this program: make them visible (block barrier).
+    # rstd (and h_bar) were written by other threads of this program: make them visible (block barrier).
     tl.debug_barrier()
 
-    # ---- phase 2 (candidate rows, reading back D2 floats per row instead of x): the rest of the score MLP
-    # and the keep-minus-drop logit difference.
+    # ---- pass 2 over the candidate rows, x read again (from L2: this program read it just before): the local
+    # half, the rest of the score MLP and the keep-minus-drop logit difference, per row and head.
     for r in range(0, n_sp, BLOCK_M):
         lr = r + offs_m
         rmask = lr < n_sp
-        pre = tl.load(pre_img + lr[:, None] * (H * pre_row) + offs_n[None, :], mask=rmask[:, None],
-                      other=0.0).to(tl.float32)
-        h1 = _gelu(pre + bias1[None, :], FAST_GELU)
+        x = _load_head_rows(x_img, lr, rmask, stride_x, offs_d, dmask)
+        rstd = tl.load(rstd_img + lr * H, mask=rmask, other=0.0)
+        if EXACT_LN:  # float32 tokens: the rows centred as in pass 1 (the mean is h_bar, written there)
+            x = tl.where(dmask[None, :], x - tl.load(hbar_img + lr * H, mask=rmask, other=0.0)[:, None], 0.0)
+        u_loc = _gelu(_mma(x, w_loc, zero_mn, DOT_DTYPE, PRECISION, EMULATE) * rstd[:, None] + b_loc[None, :],
+                      FAST_GELU)
+        h1 = _gelu(_mma(u_loc, w1_loc, bias1, DOT_DTYPE, PRECISION, EMULATE), FAST_GELU)
         h2 = _gelu(_mma(h1, w2t, b2_tile, DOT_DTYPE, PRECISION, EMULATE), FAST_GELU)
         diff = tl.sum(h2 * w3d[None, :], axis=1) + b3d
         tl.store(diff_img + lr * H, diff, mask=rmask)
@@ -272,10 +305,10 @@ def launch_meta(channels, num_heads, dtype, *, interpret, offsets_64=False):
     head = dict(D=d, BLOCK_M=HEAD_BLOCK_M, BLOCK_D=block_d, BLOCK_D2=_pow2(d // 2), BLOCK_D4=_pow2(d // 4),
                 DOT_DTYPE=_DOT_DTYPE[dtype], PRECISION="ieee" if dtype == torch.float32 else "tf32",
                 EMULATE=dtype == torch.bfloat16 and interpret, OFFSETS_64=offsets_64,
-                FAST_GELU=dtype != torch.float32)
+                FAST_GELU=dtype != torch.float32, EXACT_LN=dtype == torch.float32)
     combine = dict(H=num_heads, HH=num_heads // 2, BLOCK_R=COMBINE_BLOCK_R, BLOCK_H=_pow2(num_heads, 2))
     # One warp per 16-row tile: with more, the warps split the dots' N and each recomputes the GELU of the
-    # A operand (benchmarks/kernel_report.py: 3,908 instead of 3,100 SASS per row and head for DeiT-S bf16).
+    # A operand (an earlier version of this kernel: 3,908 instead of 3,100 SASS per row and head, DeiT-S bf16).
     # float32's IEEE dots run on FMA and need 4 warps' registers (2 warps spill).
     warps = 4 if dtype == torch.float32 else (1 if block_d <= 64 else 2)
     return {"_head_kernel": dict(constexprs=head, num_warps=warps),
@@ -308,19 +341,17 @@ def token_scores_triton(x, cu_seqlens, num_packages, num_heads, ln_weight, ln_bi
         return keep_score, keep_prob
     # Offsets inside an image are 32-bit unless a row offset times the row stride (of x or of the scratch)
     # can reach 2**31.
-    offsets_64 = T * max(x.stride(0), H * _pow2(d // 2)) >= 2**31
+    offsets_64 = T * max(x.stride(0), H) >= 2**31
     metas = launch_meta(C, H, x.dtype, interpret=dev.type == "cpu", offsets_64=offsets_64)
     head, combine = metas["_head_kernel"], metas["_combine_kernel"]
-    scratch = torch.empty((2, T, H), dtype=torch.float32, device=dev)  # per row and head: l0 - l1, h_bar
-    diff, hbar = scratch[0], scratch[1]
-    # Per row and head, the first score layer's local pre-activation: x's dtype (16-bit data feeds 16-bit
-    # tensor-core dots anyway), float32 for float32 tokens.
-    pre = torch.empty((T, H, head["constexprs"]["BLOCK_D2"]), dtype=x.dtype, device=dev)
+    # Per row and head: l0 - l1, h_bar (the LayerNorm mean) and the LayerNorm's rstd (pass 1 to pass 2).
+    scratch = torch.empty((3, T, H), dtype=torch.float32, device=dev)
+    diff, hbar, rstd = scratch[0], scratch[1], scratch[2]
     ws = [t.contiguous() for t in (ln_weight, ln_bias, w_in, b_in, w1, b1, w2, b2, w3, b3)]
     se = [t.contiguous() for t in (se_w1, se_b1, se_w2, se_b2)]
     device_ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
-        _head_kernel[(B, H)](x, x.stride(0), cu_seqlens, pre, diff, hbar, T, H, num_packages, num_prefix, *ws,
+        _head_kernel[(B, H)](x, x.stride(0), cu_seqlens, diff, hbar, rstd, T, H, num_packages, num_prefix, *ws,
                              **head["constexprs"], num_warps=head["num_warps"])
         _combine_kernel[(B,)](diff, hbar, cu_seqlens, keep_score, keep_prob, T, num_packages, num_prefix, *se,
                               **combine["constexprs"], num_warps=combine["num_warps"])
