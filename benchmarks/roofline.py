@@ -179,6 +179,15 @@ def selector_rows(gpu, report, model, n_in, n_out, packages_in, C, H):
     return [ts, pp]
 
 
+def selector_stages():
+    """(stage, block index, tokens in, tokens out) of each selector: cls + kept patches + one package per stage."""
+    n = 1 + PATCHES
+    for s, layer in enumerate(SELECTOR_LAYERS):
+        n_out = 1 + round(KEEP_RATIOS[s] * PATCHES) + (s + 1)
+        yield s, layer, n, n_out
+        n = n_out
+
+
 def model_rows(gpu, report, model, C, H, gemm_eff):
     embed_flops = 2 * BATCH * PATCHES * 768 * C
     embed_bytes = BATCH * (3 * 224 * 224 * 4 + (PATCHES + 1) * C * BYTES)
@@ -191,10 +200,9 @@ def model_rows(gpu, report, model, C, H, gemm_eff):
             rows += block_rows(gpu, report, model, variant, 197, C, H, DEPTH, gemm_eff)
         else:
             n, start = 197, 0
-            for s, layer in enumerate(SELECTOR_LAYERS):
-                rows += block_rows(gpu, report, model, variant, n, C, H, layer - start, gemm_eff)
-                n_out = 1 + round(KEEP_RATIOS[s] * PATCHES) + (s + 1)
-                rows += selector_rows(gpu, report, model, n, n_out, s, C, H)
+            for s, layer, n_in, n_out in selector_stages():
+                rows += block_rows(gpu, report, model, variant, n_in, C, H, layer - start, gemm_eff)
+                rows += selector_rows(gpu, report, model, n_in, n_out, s, C, H)
                 n, start = n_out, layer
             rows += block_rows(gpu, report, model, variant, n, C, H, DEPTH - start, gemm_eff)
         rows.append(op_row(gpu, model, variant, "head", 1, 1, head_flops, BYTES * C * 1000, gemm_eff=gemm_eff))

@@ -49,7 +49,7 @@ def part_of(path, line, src_path, src_lines):
     if fn in FUNCTION_PARTS:
         return FUNCTION_PARTS[fn]
     text = src_lines[line - 1]
-    if "acc" in text and ("acc +=" in text or "acc = " in text):
+    if "acc +=" in text or "acc = " in text:
         return "global mean accumulation"
     if "tl.store" in text or "tl.load" in text:
         return "scratch loads and stores"

@@ -288,7 +288,8 @@ def token_scores_kernels(arch, dtype, channels, num_heads):
             if a in meta["constexprs"]:
                 continue
             types[a] = ("*fp32" if a.endswith("_ptr") else "i32")
-        types.update({a: _TL_PTR[dtype] for a in ("x_ptr",) if a in types})
+        if "x_ptr" in types:
+            types["x_ptr"] = _TL_PTR[dtype]
         if "cu_ptr" in types:
             types["cu_ptr"] = "*i32"
         divisible = [a for a in types if a.endswith("_ptr")] + [a for a in types if a.startswith("stride")]
