@@ -17,8 +17,9 @@ Synchronisation: top-k pruning needs none (every image keeps the same number of 
 known on the host): the forward can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
 Threshold pruning copies one count to the host per stage (the number of kept rows sizes the output).
 
-Inference-only (the fused ops have no backward): see inference_only.py for what a forward with autograd
-enabled does.
+Training mode runs SPViT's masked training form on the same parameters (see models/train_forward.py); the
+packed fast path is inference-only (the fused ops have no backward): see inference_only.py for what an eval
+forward with autograd enabled does.
 """
 
 import torch
@@ -35,14 +36,18 @@ class AcceleratedSPViT(SPViT):
     """An SPViT model whose forward runs on the pruned ragged batch. Same modules and state_dict as SPViT;
     `accelerate(model)` turns an SPViT into one in place. Same outputs, including `return_info`."""
 
-    def forward(self, images, return_info=False):
+    def forward(self, images, return_info=False, gumbel_noise=None):
         """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True
         (info as in SPViT.forward).
 
-        Inference-only: in training mode it raises; with autograd enabled the forward runs without recording
-        and the logits' backward raises a RuntimeError (the fused ops have no backward formulas)."""
+        In training mode it runs the training form of SPViT (masked, Gumbel decisions, policy attention; the
+        same parameters) and returns a TrainOutput; `eval()` returns it to this pruned fast path. In eval mode
+        with autograd enabled the forward runs without recording and the logits' backward raises a
+        RuntimeError (the fused inference ops have no backward formulas)."""
         if self.training:
-            raise RuntimeError("accelerated SPViT models are inference-only: call model.eval() first")
+            return SPViT.forward(self, images, return_info, gumbel_noise)
+        if gumbel_noise is not None:
+            raise ValueError("gumbel_noise is only used in training mode (call model.train() first)")
         self.check_images(images)
         if images.shape[0] == 0:  # no rows to pack (cu_seqlens needs B >= 1): the masked form on 0 images
             with torch.no_grad():

@@ -12,7 +12,11 @@ PACKAGE_MERGES = ("concat", "add")
 DEFAULT_KEEP_RATIOS = (0.617, 0.369, 0.137)
 DEFAULT_SELECTOR_LAYERS = (3, 6, 9)
 
-CONFIG_FIELDS = ("pruning", "keep_ratios", "selector_layers", "package", "threshold", "package_merge")
+CONFIG_FIELDS = ("pruning", "keep_ratios", "selector_layers", "package", "threshold", "package_merge", "gumbel_tau",
+                 "train_attn_eps")
+# Training (SPEC section 8): the Gumbel softmax temperature and the attention smoothing constant of the paper code.
+DEFAULT_GUMBEL_TAU = 1.0
+DEFAULT_TRAIN_ATTN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class SPViTConfig:
         package_merge: "concat" (the 3x mode: each stage appends its package token after the earlier ones)
             or "add" (the 1x mode: one package token in total; the first stage appends it, each later
             stage adds its pooled token to it element-wise). "add" needs package != "none".
+        gumbel_tau: training only: the temperature of the Gumbel softmax keep decision (> 0; default 1).
+        train_attn_eps: training only: the smoothing constant of policy attention (>= 0; default 1e-6, the
+            paper code's training value; 0 gives the masked inference form).
     """
 
     pruning: str = "topk"
@@ -40,6 +47,8 @@ class SPViTConfig:
     package: str = "mean"
     threshold: float = 0.0
     package_merge: str = "concat"
+    gumbel_tau: float = DEFAULT_GUMBEL_TAU
+    train_attn_eps: float = DEFAULT_TRAIN_ATTN_EPS
 
     def threshold_at(self, stage):
         """The keep_score threshold of `stage` (0-based) in "threshold" pruning."""
@@ -82,7 +91,8 @@ def _tuple_of(value, name, kind):
 
 
 def make_config(depth, *, pruning="topk", keep_ratios=DEFAULT_KEEP_RATIOS, selector_layers=DEFAULT_SELECTOR_LAYERS,
-                package="mean", threshold=0.0, package_merge="concat"):
+                package="mean", threshold=0.0, package_merge="concat", gumbel_tau=DEFAULT_GUMBEL_TAU,
+                train_attn_eps=DEFAULT_TRAIN_ATTN_EPS):
     """Validate a pruning configuration for a ViT of `depth` blocks and return it as an SPViTConfig.
 
     Raises ValueError (bad value) or TypeError (bad type) whose message starts with the field's name.
@@ -114,8 +124,21 @@ def make_config(depth, *, pruning="topk", keep_ratios=DEFAULT_KEEP_RATIOS, selec
     if any(b >= a for a, b in zip(ratios, ratios[1:])):
         raise ValueError(f"keep_ratios must be strictly decreasing (they are cumulative), got {ratios}")
     threshold = _threshold(threshold, len(layers))
+    gumbel_tau = _real(gumbel_tau, "gumbel_tau")
+    if not gumbel_tau > 0 or math.isinf(gumbel_tau):
+        raise ValueError(f"gumbel_tau must be a finite number > 0, got {gumbel_tau}")
+    train_attn_eps = _real(train_attn_eps, "train_attn_eps")
+    if not 0 <= train_attn_eps < math.inf:
+        raise ValueError(f"train_attn_eps must be a finite number >= 0, got {train_attn_eps}")
     return SPViTConfig(pruning=pruning, keep_ratios=ratios, selector_layers=layers, package=package,
-                       threshold=threshold, package_merge=package_merge)
+                       threshold=threshold, package_merge=package_merge, gumbel_tau=gumbel_tau,
+                       train_attn_eps=train_attn_eps)
+
+
+def _real(value, name):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _threshold(value, num_stages):

@@ -131,7 +131,10 @@ class LVViT(nn.Module):
 
 class SPViTLVViT(SPViT):
     """SPViT on an LV-ViT backbone (model.vit, state_dict keys "vit.*"). Same interface and masked semantics
-    as SPViT; the head adds the aux-head max over the patches alive after the last stage."""
+    as SPViT; the head adds the aux-head max over the patches alive after the last stage. In training a dropped
+    row's block update is multiplied by its keep mask (it keeps its value, as at inference)."""
+
+    freeze_dropped = True
 
     def __init__(self, vit, selectors, config):
         super().__init__(vit, selectors, config)

@@ -24,6 +24,7 @@ from .config import make_config, split_config_kwargs
 from .masked_block import attention_bias, check_block, masked_block_forward
 from .selector import TokenSelector
 from .spvit import SPViT
+from .train_forward import TrainOutput, check_gumbel_noise, stage_policy
 
 # name -> timm builder; the shapes are timm's pit_{ti,xs,s}_224.
 PIT_MODELS = {"spvit_pit_ti": "pit_ti_224", "spvit_pit_xs": "pit_xs_224", "spvit_pit_s": "pit_s_224"}
@@ -48,7 +49,7 @@ def stage_of_layer(bounds, layer):
 
 
 def make_pit_config(vit, *, pruning="topk", keep_ratios=PIT_KEEP_RATIOS, selector_layers=PIT_SELECTOR_LAYERS,
-                    package="mean", threshold=0.0, package_merge="add"):
+                    package="mean", threshold=0.0, package_merge="add", **training):
     """Validate a pruning configuration for the PiT `vit` and return it (an SPViTConfig).
 
     Beyond `make_config`'s checks: package_merge must be "add" (one package row carried through pooling),
@@ -68,7 +69,7 @@ def make_pit_config(vit, *, pruning="topk", keep_ratios=PIT_KEEP_RATIOS, selecto
     # of the right length, then put the real (per-stage) ratios in.
     stand_in = tuple(1.0 / (i + 1) for i in range(len(ratios)))
     config = make_config(depth, pruning=pruning, keep_ratios=stand_in, selector_layers=selector_layers,
-                         package=package, threshold=threshold, package_merge=package_merge)
+                         package=package, threshold=threshold, package_merge=package_merge, **training)
     for r in ratios:
         if not 0.0 < r <= 1.0:  # also rejects NaN
             raise ValueError(f"keep_ratios must lie in (0, 1], got {r}")
@@ -157,10 +158,40 @@ class SPViTPiT(SPViT):
         vit = self.vit
         return vit.head(vit.head_drop(vit.norm(cls)))
 
+    freeze_dropped = True  # training: a dropped row keeps its value (the frozen-value rule)
+
+    def forward_train(self, images, gumbel_noise=None):
+        """The training forward (SPEC section 8) stage by stage: each stage starts with its whole grid alive,
+        its selector (if any) decides with the Gumbel straight-through estimator, later blocks of the stage
+        attend with the policy and leave dropped rows at their values (x + keep * update). gumbel_noise: None
+        or one tensor per selector broadcastable to (B, H_s * W_s, 2). Returns a TrainOutput whose tokens,
+        decision and last decision are of the last stage's grid (decision all ones if it has no selector)."""
+        grid, rows = self.forward_stem(images)
+        B = grid.shape[0]
+        noise = check_gumbel_noise(gumbel_noise, [(B, h * w, 2) for h, w in self.grid_sizes()])
+        decisions = []
+        for t_index, t in enumerate(self.vit.transformers):
+            grid, rows = self.pool_stage_input(t_index, grid, rows)
+            _, C, Hs, Ws = grid.shape
+            P = Hs * Ws
+            x = t.norm(torch.cat([rows[:, :1], grid.flatten(2).transpose(1, 2), rows[:, 1:]], dim=1))
+            keep = x.new_ones(B, P, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            policy = None
+            for j, block in enumerate(t.blocks):
+                s = self.selector_at.get((t_index, j))
+                if s is not None:
+                    x, keep = self._train_stage(s, x, keep, P, noise[s])
+                    decisions.append(keep)
+                    policy = stage_policy(1, keep, x.shape[1] - 1 - P)
+                x = self._train_block(block, x, policy)
+            grid = x[:, 1: 1 + P].transpose(1, 2).reshape(B, C, Hs, Ws)
+            rows = torch.cat([x[:, :1], x[:, 1 + P:]], dim=1)
+        logits = self.forward_head_from_cls(rows[:, 0])
+        return TrainOutput(logits, self.vit.norm(x[:, 1: 1 + P]), keep.detach(), decisions)
+
     def _run(self, images, score_stage=None):
         if self.training:
-            raise RuntimeError("SPViT reference models are inference-only (training with Gumbel / soft masks is "
-                               "not provided): call model.eval() first")
+            raise RuntimeError("stage_scores runs the inference form: call model.eval() first")
         grid, rows = self.forward_stem(images)  # rows: [cls] then, after the first selector, [cls, package]
         masks = []
         for t_index, t in enumerate(self.vit.transformers):

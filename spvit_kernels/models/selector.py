@@ -23,7 +23,8 @@ class TokenSelector(nn.Module):
         mlp3     Linear(d/4, 2)           logits; index 0 = keep
         se1      Linear(H, H//2)          head weights w = sigmoid(se2(GELU(se1(per-head channel means))))
         se2      Linear(H//2, H)
-    Inference only: the training-time Gumbel / soft masks of the paper are not provided.
+    `score_masked` / `score_packed` score at inference; `train_scores` is the training form (weighted global
+    mean, both log-softmax and softmax per row). Fresh weights follow the official initialisation.
     """
 
     def __init__(self, dim, num_heads, *, device=None, dtype=None):
@@ -44,6 +45,18 @@ class TokenSelector(nn.Module):
         self.mlp3 = nn.Linear(d // 4, 2, **dd)
         self.se1 = nn.Linear(num_heads, num_heads // 2, **dd)
         self.se2 = nn.Linear(num_heads // 2, num_heads, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The official initialisation: Linear weights truncated normal (std 0.02, cut at +-2), zero biases,
+        LayerNorm weight 1 and bias 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def extra_repr(self):
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -79,6 +92,38 @@ class TokenSelector(nn.Module):
         Returns:
             (keep_score, keep_prob), each (B, M), float32 (float64 for float64 S).
         """
+        w, u = self._head_features(S)
+        d = self.head_dim
+        # Global half: mean over the image's participating rows. torch.where (not a product) so that a
+        # non-finite value in a masked-out row cannot leak into the mean.
+        part = rows[:, :, None, None]
+        count = part.sum(dim=1, keepdim=True).clamp(min=1).to(u.dtype)
+        glob = torch.where(part, u[..., d // 2:], 0).sum(dim=1, keepdim=True) / count  # (B, 1, H, d/2)
+        score, prob = self._combine(w, u, glob)
+        return score[..., 0] - score[..., 1], prob[..., 0]
+
+    def train_scores(self, S, weights):
+        """The training form (SPEC section 8): the global mean weighted by the previous keep mask, with gradient.
+
+        Args:
+            S: (B, M, C) every row of each image after its prefix rows (spatial rows, then package rows).
+            weights: (B, M) float, the previous keep mask m (1 for alive spatial rows and package rows, 0 for
+                dropped ones; it may carry gradient): g = sum_i m_i u_i / sum_i m_i.
+        Returns:
+            (score, prob), each (B, M, 2) float32 (float64 for float64 S), index 0 = keep: the head-weighted
+            log-softmax (what the Gumbel decision reads) and softmax (keep_prob = prob[..., 0]).
+        """
+        w, u = self._head_features(S)
+        d = self.head_dim
+        m = weights.to(u.dtype)[:, :, None, None]
+        total = m.sum(dim=1, keepdim=True)
+        # An image with no participating row (possible only without package rows) gets a zero global half.
+        glob = (u[..., d // 2:] * m).sum(dim=1, keepdim=True) / total.clamp(min=torch.finfo(u.dtype).tiny)
+        return self._combine(w, u, glob)
+
+    def _head_features(self, S):
+        """S (B, M, C) -> (head weights w (B, M, H), u = GELU(proj_in(norm(S_h))) (B, M, H, d)), computed in
+        float32 (float64 for float64 S)."""
         cdt = torch.float64 if S.dtype == torch.float64 else torch.float32
         B, M, C = S.shape
         H, d = self.num_heads, self.head_dim
@@ -86,15 +131,14 @@ class TokenSelector(nn.Module):
         # SE branch: per-head channel means -> per-row head weights (B, M, H).
         w = torch.sigmoid(_linear(self.se2, F.gelu(_linear(self.se1, Sh.mean(dim=-1)))))
         ln = F.layer_norm(Sh, (d,), self.norm.weight.to(cdt), self.norm.bias.to(cdt), eps=self.norm.eps)
-        u = F.gelu(_linear(self.proj_in, ln))  # (B, M, H, d)
-        # Global half: mean over the image's participating rows. torch.where (not a product) so that a
-        # non-finite value in a masked-out row cannot leak into the mean.
-        part = rows[:, :, None, None]
-        count = part.sum(dim=1, keepdim=True).clamp(min=1).to(cdt)
-        glob = torch.where(part, u[..., d // 2:], 0).sum(dim=1, keepdim=True) / count  # (B, 1, H, d/2)
+        return w, F.gelu(_linear(self.proj_in, ln))
+
+    def _combine(self, w, u, glob):
+        """Per-head logits of [u_local, glob] combined with the head weights w -> (score, prob) (B, M, 2)."""
+        B, M, H, d = u.shape
         z = torch.cat([u[..., : d // 2], glob.expand(B, M, H, d - d // 2)], dim=-1)
         logits = _linear(self.mlp3, F.gelu(_linear(self.mlp2, F.gelu(_linear(self.mlp1, z)))))  # (B, M, H, 2)
         wsum = w.sum(dim=-1, keepdim=True)
         score = (w.unsqueeze(-1) * F.log_softmax(logits, dim=-1)).sum(dim=2) / wsum
         prob = (w.unsqueeze(-1) * F.softmax(logits, dim=-1)).sum(dim=2) / wsum
-        return score[..., 0] - score[..., 1], prob[..., 0]
+        return score, prob

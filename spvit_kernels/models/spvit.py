@@ -28,8 +28,11 @@ token; class and distillation tokens, whose two heads are averaged) or, for glob
 over the rows the image still carries (alive patches and package rows). The logits equal the ones of the
 pruned ragged execution (tested against an independent token-dropping formulation).
 
-Inference only: the model is created in eval mode and refuses to run in training mode; the training-time
-Gumbel / soft masks of the paper are not provided.
+Training (SPEC section 8): in training mode `model(images, gumbel_noise=None)` runs the paper code's training
+form (Gumbel straight-through decisions, weighted selector means, policy attention; see train_forward.py) and
+returns a TrainOutput. The DeiT family lets dropped rows keep going through the blocks, as the official code;
+families whose later layers read token positions (LV-ViT, PiT) set `freeze_dropped` and multiply a dropped
+row's block update by its keep mask, so that it keeps its value, as at inference.
 """
 
 import torch
@@ -39,6 +42,8 @@ from .config import make_config, split_config_kwargs
 from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
 from .selector import TokenSelector
+from .train_forward import (TrainOutput, check_gumbel_noise, frozen_update, gumbel_keep, policy_block_forward,
+                            pool_package_train, stage_policy)
 
 
 def head_kind(vit):
@@ -60,7 +65,11 @@ class SPViT(nn.Module):
         "num_tokens":   int64 CPU tensor (S, B): tokens image b carries after stage s in the pruned form,
                         num_prefix + num_kept + config.num_packages_after(s).
         "selector_layers": config.selector_layers (the block each stage sits before).
+    In training mode (`model.train()`), `model(images, gumbel_noise=None)` -> TrainOutput (SPEC section 8).
     """
+
+    # Whether a dropped row's block update is multiplied by its keep mask in training (LV-ViT, PiT).
+    freeze_dropped = False
 
     def __init__(self, vit, selectors, config):
         super().__init__()
@@ -147,9 +156,18 @@ class SPViT(nn.Module):
         """Final class rows (B, C), straight out of the last block -> logits of a "token" head."""
         return self.forward_head(self.final_norm(cls)[:, None], None)
 
-    def forward(self, images, return_info=False):
-        """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True."""
+    def forward(self, images, return_info=False, gumbel_noise=None):
+        """images (B, in_chans, H, W) -> logits (B, num_classes), or (logits, info) with return_info=True.
+
+        In training mode -> TrainOutput (see forward_train); gumbel_noise is only read there."""
         self.check_images(images)
+        if self.training:
+            if return_info:
+                raise ValueError("return_info is an inference output; in training mode the forward returns a "
+                                 "TrainOutput (its decisions give the keep masks)")
+            return self.forward_train(images, gumbel_noise)
+        if gumbel_noise is not None:
+            raise ValueError("gumbel_noise is only used in training mode (call model.train() first)")
         logits, masks = self._run(images)
         if not return_info:
             return logits
@@ -170,8 +188,7 @@ class SPViT(nn.Module):
         """The masked forward -> (logits, alive masks after every stage); or, with score_stage, stop at that
         stage and return (keep_score of its spatial tokens, candidates)."""
         if self.training:
-            raise RuntimeError("SPViT reference models are inference-only (training with Gumbel / soft masks is "
-                               "not provided): call model.eval() first")
+            raise RuntimeError("stage_scores runs the inference form: call model.eval() first")
         cfg = self.config
         x = self.forward_stem(images)
         B, N0, _ = x.shape
@@ -233,6 +250,56 @@ class SPViT(nn.Module):
                 x = torch.cat([x, package[:, None]], dim=1)
         keys = torch.cat([alive.new_ones(x.shape[0], n), self._carried(keep, x.shape[1] - n - P)], dim=1)
         return x, keep, keys
+
+    def forward_train(self, images, gumbel_noise=None):
+        """The training forward (SPEC section 8), masked form, on checked images (B, in_chans, H, W).
+
+        Args:
+            gumbel_noise: None (drawn as F.gumbel_softmax draws it) or a list of one tensor per stage, each
+                broadcastable to (B, P, 2) (zeros: no noise).
+        Returns:
+            TrainOutput(logits, tokens, decision, decisions).
+        """
+        cfg = self.config
+        x = self.forward_stem(images)
+        B, N0, _ = x.shape
+        n = self.num_prefix
+        P = N0 - n
+        noise = check_gumbel_noise(gumbel_noise, [(B, P, 2)] * cfg.num_stages)
+        stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
+        keep = x.new_ones(B, P, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        policy, decisions = None, []
+        for i, block in enumerate(self.vit.blocks):
+            if i in stage_at:
+                s = stage_at[i]
+                x, keep = self._train_stage(s, x, keep, P, noise[s])
+                decisions.append(keep)
+                policy = stage_policy(n, keep, x.shape[1] - n - P)
+            x = self._train_block(block, x, policy)
+        logits = self._head_masked(x, keep.detach() > 0.5)
+        return TrainOutput(logits, self.final_norm(x[:, n: n + P]), keep.detach(), decisions)
+
+    def _train_block(self, block, x, policy):
+        y = policy_block_forward(block, x, policy, self.config.train_attn_eps)
+        return frozen_update(x, y, policy) if self.freeze_dropped else y
+
+    def _train_stage(self, stage, x, m_prev, P, noise):
+        """One stage of the training forward. x (B, num_prefix + P + packages, C); m_prev (B, P) the previous keep
+        mask (with gradient). Returns (x with the new package row appended or merged, keep (B, P))."""
+        cfg = self.config
+        n = self.num_prefix
+        n_pkg = x.shape[1] - n - P
+        S = x[:, n:]
+        rows = torch.cat([m_prev, m_prev.new_ones(m_prev.shape[0], n_pkg)], dim=1)
+        score, prob = self.selectors[stage].train_scores(S, rows)
+        keep = gumbel_keep(score[:, :P], noise, cfg.gumbel_tau) * m_prev
+        if cfg.package != "none":
+            pooled = pool_package_train(S[:, :P], prob[:, :P, 0], m_prev - keep, cfg.package)
+            if cfg.package_merge == "add" and n_pkg > 0:
+                x = torch.cat([x[:, :-1], (x[:, -1].to(pooled.dtype) + pooled).to(x.dtype)[:, None]], dim=1)
+            else:
+                x = torch.cat([x, pooled.to(x.dtype)[:, None]], dim=1)
+        return x, keep
 
     def _info(self, masks):
         kept = [[torch.nonzero(m).flatten().cpu() for m in mask] for mask in masks]

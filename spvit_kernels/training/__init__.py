@@ -1,0 +1,15 @@
+"""Training the token selectors as the paper code does (SPEC section 8).
+
+    model.train(); out = model(images)            -> TrainOutput(logits, tokens, decision, decisions)
+    SPViTLoss(teacher, keep_ratios)(images, out, targets)   classification + ratio + logit KL + token loss
+    param_groups(model), lr_at_epoch(...), set_lr(...)      the paper's optimiser groups and schedule
+    policy_attention(q, k, v, policy, eps)                  the training attention (fused autograd form)
+"""
+
+from .loss import SPViTLoss, teacher_outputs
+from .output import TrainOutput
+from .policy_attention import policy_attention, policy_attention_reference
+from .recipe import lr_at_epoch, param_groups, scaled_lr, set_lr
+
+__all__ = ["SPViTLoss", "TrainOutput", "lr_at_epoch", "param_groups", "policy_attention",
+           "policy_attention_reference", "scaled_lr", "set_lr", "teacher_outputs"]

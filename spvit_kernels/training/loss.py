@@ -1,0 +1,155 @@
+"""SPViT's training loss (SPEC section 8; the paper code's DistillDiffPruningLoss) and the teacher's outputs.
+
+    loss = clf_weight     * base(logits, targets)
+         + ratio_weight   * sum_s (mean(decisions[s]) - r_s)^2 / S
+         + distill_weight * KL(student || teacher logits)           log-softmax both, batchmean, log_target
+         + distill_weight * token loss on the rows where decision > 0.5   (MSE, or KL over channels)
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SPViTLoss", "teacher_outputs"]
+
+TOKEN_LOSSES = ("mse", "kl")
+COMPONENTS = ("clf", "ratio", "cls_kl", "token")
+
+
+def teacher_outputs(teacher, images):
+    """The dense teacher's (logits (B, K), tokens (B, P, C)): the final-normed rows of the spatial tokens.
+
+    A timm VisionTransformer (or distilled / register / class-free one) is read through forward_features /
+    forward_head; a timm PiT through its stages (tokens: the last grid, normed like the class row); the
+    library's LVViT through embed / blocks / norm; any other module must return (logits, tokens)."""
+    from timm.models.pit import PoolingVisionTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ..models.lvvit import LVViT
+
+    if isinstance(teacher, VisionTransformer):
+        feats = teacher.forward_features(images)
+        return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+    if isinstance(teacher, PoolingVisionTransformer):
+        x = teacher.pos_drop(teacher.patch_embed(images) + teacher.pos_embed)
+        grid, cls = teacher.transformers((x, teacher.cls_token.expand(x.shape[0], -1, -1)))
+        return teacher.forward_head(teacher.norm(cls)), teacher.norm(grid.flatten(2).transpose(1, 2))
+    if isinstance(teacher, LVViT):
+        x = teacher.embed(images)
+        for block in teacher.blocks:
+            x = block(x)
+        x = teacher.norm(x)
+        return teacher.forward_head(x), x[:, 1:]
+    out = teacher(images)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
+        raise TypeError("teacher must be a timm ViT / PiT, an LVViT, or a module returning (logits, tokens); "
+                        f"it returned {type(out).__name__}")
+    return tuple(out)
+
+
+def _default_base(logits, targets):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if targets.dim() == 2 and targets.dtype.is_floating_point:  # mixup / cutmix soft targets
+        return SoftTargetCrossEntropy()(logits, targets)
+    return LabelSmoothingCrossEntropy(smoothing=0.1)(logits, targets)
+
+
+class SPViTLoss(nn.Module):
+    """The SPViT training loss. `loss(images, output, targets)` -> scalar tensor; `loss.last` holds the float
+    components of the last call: clf, ratio, cls_kl, token, total (unweighted terms, and the weighted total).
+
+    Args:
+        teacher: the dense backbone (see `teacher_outputs`), run in eval mode under no_grad; None drops the two
+            distillation terms (the paper code's DiffPruningLoss).
+        keep_ratios: the target keep ratio of each stage (cumulative for DeiT / LV-ViT, per stage grid for PiT),
+            one per entry of output.decisions.
+        base_criterion: callable (logits, targets) -> loss; None = soft-target cross-entropy for (B, K) float
+            targets (mixup / cutmix), label-smoothing 0.1 cross-entropy for class indices.
+        clf_weight, ratio_weight, distill_weight: the weights (paper: 1, 2, 0.5).
+        token_loss: "mse" (DeiT) or "kl" (LV-ViT: KL over the channels of each kept row, batchmean).
+    Raises FloatingPointError naming the component when a term is not finite.
+    """
+
+    def __init__(self, teacher, keep_ratios, base_criterion=None, clf_weight=1.0, ratio_weight=2.0,
+                 distill_weight=0.5, token_loss="mse"):
+        super().__init__()
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        try:
+            ratios = tuple(float(r) for r in keep_ratios)
+        except (TypeError, ValueError):
+            raise TypeError(f"keep_ratios must be a sequence of numbers, got {keep_ratios!r}") from None
+        if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
+            raise ValueError(f"keep_ratios must be one or more ratios in (0, 1], got {ratios}")
+        if token_loss not in TOKEN_LOSSES:
+            raise ValueError(f"token_loss must be one of {TOKEN_LOSSES}, got {token_loss!r}")
+        for name, w in (("clf_weight", clf_weight), ("ratio_weight", ratio_weight),
+                        ("distill_weight", distill_weight)):
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.keep_ratios = ratios
+        self.base_criterion = base_criterion or _default_base
+        self.clf_weight, self.ratio_weight, self.distill_weight = float(clf_weight), float(ratio_weight), \
+            float(distill_weight)
+        self.token_loss = token_loss
+        self.last = {}
+
+    def train(self, mode=True):
+        """Keeps the teacher in eval mode whatever mode the loss module is put in."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, images, output, targets):
+        """images: what the student saw (B, ...); output: the student's TrainOutput; targets: (B,) class indices
+        or (B, K) soft targets. Returns the scalar loss."""
+        logits, tokens, decision, decisions = output
+        if len(decisions) != len(self.keep_ratios):
+            raise ValueError(f"keep_ratios has {len(self.keep_ratios)} ratios but the model has {len(decisions)} "
+                             "stages")
+        clf = self.base_criterion(logits, targets)
+        ratio = sum((d.mean() - r) ** 2 for d, r in zip(decisions, self.keep_ratios)) / len(decisions)
+        terms = {"clf": clf, "ratio": ratio}
+        total = self.clf_weight * clf + self.ratio_weight * ratio
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits, t_tokens = teacher_outputs(self.teacher, images)
+            if t_tokens.shape != tokens.shape:
+                raise ValueError(f"teacher: its tokens have shape {tuple(t_tokens.shape)} but the student's have "
+                                 f"{tuple(tokens.shape)} (same backbone size, image and patch size?)")
+            if t_logits.shape != logits.shape:
+                raise ValueError(f"teacher: its logits have shape {tuple(t_logits.shape)} but the student's have "
+                                 f"{tuple(logits.shape)}")
+            cls_kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(t_logits.float(), dim=-1),
+                              reduction="batchmean", log_target=True)
+            terms["cls_kl"] = cls_kl
+            terms["token"] = self._token_term(tokens, t_tokens, decision)
+            total = total + self.distill_weight * (cls_kl + terms["token"])
+        self.last = {name: float(t.detach()) for name, t in terms.items()}
+        self.last["total"] = float(total.detach())
+        for name in COMPONENTS:
+            if name in self.last and not math.isfinite(self.last[name]):
+                raise FloatingPointError(f"SPViTLoss: the {name} term is {self.last[name]} (not finite)")
+        if not math.isfinite(self.last["total"]):
+            raise FloatingPointError(f"SPViTLoss: the total is {self.last['total']} (not finite)")
+        return total
+
+    def _token_term(self, tokens, t_tokens, decision):
+        """The token distillation term over the rows the last stage kept (decision > 0.5); 0 if none is."""
+        B, P, C = tokens.shape
+        kept = decision.reshape(B * P) > 0.5
+        student = tokens.reshape(B * P, C)[kept].float()
+        teacher = t_tokens.reshape(B * P, C)[kept].float()
+        if student.shape[0] == 0:
+            return tokens.new_zeros((), dtype=torch.float32)
+        if self.token_loss == "mse":
+            return (student - teacher).pow(2).mean()
+        return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
+                        log_target=True)
