@@ -6,7 +6,7 @@ spvit_lvvit_s) and pruning mode:
   reference    the SPViT model in the official masked form (full token tensor, masked attention)
   accelerated  the same model after spvit_kernels.accelerate(): pruned ragged execution on the fused ops
 Pruning modes: top-k at the model's default keep ratios (DeiT / LV-ViT: cumulative (0.617, 0.369, 0.137); PiT:
-0.7 of each stage's grid), and threshold mode with
+0.617, 0.369, 0.137 of stage 1, 2, 3's own grid), and threshold mode with
 per-stage thresholds calibrated on a separate batch so that the mean keep matches those ratios.
 
 Reported: images/s (batch / median time of several timed rounds after warm-up; the three providers take

@@ -21,6 +21,17 @@ TORCH_LIBRARY(spvit, m) {
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int? max_seqlen=None, "
       "float? softmax_scale=None) -> Tensor");
+  // SPViT's training attention (a keep policy over the keys): the forward also returns the row statistics
+  // (row max in log2 units, denominator) its backward needs; policy_attention is the composite front.
+  m.def(
+      "policy_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor policy, float eps, float softmax_scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "policy_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor policy, Tensor out, "
+      "Tensor row_max, Tensor denom, float eps, float softmax_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "policy_attention(Tensor q, Tensor k, Tensor v, Tensor policy, float eps=1e-06, float? softmax_scale=None) "
+      "-> Tensor");
 }
 
 namespace {

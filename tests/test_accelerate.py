@@ -103,11 +103,20 @@ def test_calibrated_threshold_keeps_the_keep_ratios():
         assert int(info["num_kept"][s].sum()) == 3 * round(ratio * 196)
 
 
-def test_eval_only():
-    _, acc = _model_pair("spvit_deit_tiny", "topk", "mean")
-    acc.train()
-    with pytest.raises(RuntimeError, match="eval"):
-        acc(_images(1))
+def test_train_mode_is_the_training_form_and_eval_the_fast_path():
+    """In training mode the accelerated model runs SPViT's training form on its parameters (the reference model's
+    output, noise for noise); eval() puts it back on the packed path."""
+    ref, acc = _model_pair("spvit_deit_tiny", "topk", "mean")
+    images = _images(2)
+    noise = [torch.randn(2, 196, 2) for _ in range(3)]
+    ref.train(), acc.train()
+    out_ref, out_acc = ref(images, gumbel_noise=noise), acc(images, gumbel_noise=noise)
+    torch.testing.assert_close(out_acc.logits, out_ref.logits, atol=0, rtol=0)
+    for d_acc, d_ref in zip(out_acc.decisions, out_ref.decisions):
+        torch.testing.assert_close(d_acc, d_ref, atol=0, rtol=0)
+    ref.eval(), acc.eval()
+    with torch.inference_mode():
+        assert _rel_err(acc(images), ref(images)) < CPU_TOL[1]
 
 
 def test_compile_fullgraph_topk_cpu():

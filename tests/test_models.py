@@ -134,11 +134,13 @@ def test_autocast_bfloat16_runs():
     assert info["num_kept"].tolist() == [[k, k] for k in DEFAULT_KEEP]
 
 
-def test_eval_only(tiny64):
+def test_train_mode_returns_train_output_and_stage_scores_needs_eval(tiny64):
     model = _with_config(tiny64)
     model.train()
+    out = model(_images(1))
+    assert out.logits.shape == (1, NUM_CLASSES) and len(out.decisions) == 3
     with pytest.raises(RuntimeError, match="eval"):
-        model(_images(1))
+        model.stage_scores(_images(1), 0)
     model.eval()
 
 

@@ -1,5 +1,5 @@
-"""The accelerated model is inference-only; this keeps a forward with autograd enabled from giving silently
-wrong gradients.
+"""The accelerated model's packed path (eval mode) is inference-only; this keeps a forward with autograd enabled
+from giving silently wrong gradients.
 
 The fused ops have no backward formulas, so a forward that autograd records would give gradients to some
 parameters (the head) and none to others (the patch embedding, everything before the first selector's

@@ -11,7 +11,8 @@
     load_checkpoint(model, path_or_sd)      trained weights: our state_dict, the paper code's format, a backbone
     to_paper_state_dict(model)              the weights in the paper code's layout
 
-Inference only: training (Gumbel / soft masks) is not provided.
+In training mode every model runs the paper's training form and returns a TrainOutput (train_forward.py;
+loss and recipe in spvit_kernels.training).
 """
 
 from .calibrate import calibrate_thresholds
@@ -22,7 +23,8 @@ from .lvvit import LVViT, SPViTLVViT, from_lvvit
 from .pit import SPViTPiT, from_timm_pit
 from .selector import TokenSelector
 from .spvit import SPViT
+from .train_forward import TrainOutput
 
 __all__ = ["LVViT", "MODELS", "MODEL_SHAPES", "CheckpointError", "CheckpointFormat", "SPViT", "SPViTConfig",
-           "SPViTLVViT", "SPViTPiT", "TokenSelector", "calibrate_thresholds", "create_model", "from_lvvit",
+           "SPViTLVViT", "SPViTPiT", "TokenSelector", "TrainOutput", "calibrate_thresholds", "create_model", "from_lvvit",
            "from_timm_pit", "from_timm", "list_models", "load_checkpoint", "make_config", "to_paper_state_dict"]

@@ -23,18 +23,19 @@ DISTILLED_SHAPES = {
     "spvit_deit_small_distilled": (384, 6),
     "spvit_deit_base_distilled": (768, 12),
 }
-TIMM_ARGS = ("num_classes", "img_size")
+TIMM_ARGS = ("num_classes", "img_size", "patch_size", "drop_path_rate")
 
 
-def _deit(embed_dim, num_heads, distilled=False, num_classes=1000, img_size=224, **prune_cfg):
+def _deit(embed_dim, num_heads, distilled=False, num_classes=1000, img_size=224, patch_size=16, drop_path_rate=0.0,
+          **prune_cfg):
     """An SPViT-DeiT of the given width on a fresh timm ViT (VisionTransformerDistilled if `distilled`)."""
     if distilled:
         from timm.models.deit import VisionTransformerDistilled as ViT
     else:
         from timm.models.vision_transformer import VisionTransformer as ViT
     make_config(12, **prune_cfg)  # fail on a bad config before building the ViT
-    vit = ViT(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=embed_dim, depth=12,
-              num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True)
+    vit = ViT(img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=12,
+              num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=drop_path_rate)
     return from_timm(vit, **prune_cfg)
 
 
@@ -70,7 +71,10 @@ def create_model(name, *, checkpoint=None, **cfg):
         **cfg: pruning ("topk" | "threshold", default "topk"), keep_ratios (default (0.617, 0.369, 0.137)),
             selector_layers (default (3, 6, 9) for DeiT), package ("mean" | "sum" | "none", default
             "mean"), package_merge ("concat" | "add", default "concat"), threshold (default 0.0);
-            num_classes (default 1000) and img_size (default 224) go to the backbone.
+            gumbel_tau (default 1.0) and train_attn_eps (default 1e-6) for training mode;
+            num_classes (default 1000), img_size (default 224), patch_size (default 16; DeiT and LV-ViT,
+            PiT's stem is fixed) and drop_path_rate (default 0, stochastic depth in training, linear over
+            depth) go to the backbone.
     Returns:
         an SPViT module (see spvit_kernels.models.SPViT).
     """

@@ -82,13 +82,14 @@ class LVViT(nn.Module):
         mlp_ratio: MLP hidden width / C (3 for LV-ViT).
         skip_lam: each residual branch is divided by it (2 for LV-ViT-S/M).
         num_classes: outputs of head and aux_head.
+        drop_path_rate: stochastic depth of the last block in training (linear from 0 over the blocks).
     """
 
     num_prefix_tokens = 1  # the class token
     global_pool = "token"
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=16,
-                 num_heads=6, mlp_ratio=3.0, skip_lam=2.0):
+                 num_heads=6, mlp_ratio=3.0, skip_lam=2.0, drop_path_rate=0.0):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -98,8 +99,10 @@ class LVViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList()
-        for _ in range(depth):
-            block = Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=nn.LayerNorm)
+        for i in range(depth):
+            dpr = drop_path_rate * i / max(depth - 1, 1)  # stochastic depth, linear over the blocks
+            block = Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=nn.LayerNorm,
+                          drop_path=dpr)
             block.ls1, block.ls2 = DivideBy(skip_lam), DivideBy(skip_lam)
             self.blocks.append(block)
         self.norm = nn.LayerNorm(embed_dim)
@@ -191,11 +194,12 @@ def from_lvvit(vit, **cfg):
     return SPViTLVViT.around(vit, vit.blocks[0].attn.num_heads, **cfg)
 
 
-def create_spvit_lvvit(size, num_classes=1000, img_size=224, **prune_cfg):
+def create_spvit_lvvit(size, num_classes=1000, img_size=224, patch_size=16, drop_path_rate=0.0, **prune_cfg):
     """spvit_lvvit_s (size "s": C 384, depth 16, 6 heads, selectors before 4, 8, 12) or spvit_lvvit_m
     ("m": C 512, depth 20, 8 heads, selectors before 5, 10, 15), randomly initialised, eval mode."""
     embed_dim, depth, num_heads, layers = LVVIT_SHAPES[size]
     prune_cfg.setdefault("selector_layers", layers)
     make_config(depth, **prune_cfg)  # fail on a bad config before building the backbone
-    vit = LVViT(img_size=img_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    vit = LVViT(img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, drop_path_rate=drop_path_rate)
     return from_lvvit(vit, **prune_cfg)

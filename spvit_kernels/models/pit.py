@@ -30,8 +30,9 @@ from .train_forward import TrainOutput, check_gumbel_noise, stage_policy
 PIT_MODELS = {"spvit_pit_ti": "pit_ti_224", "spvit_pit_xs": "pit_xs_224", "spvit_pit_s": "pit_s_224"}
 # The stage block each selector sits before, as global block indices of timm's depths (2, 6, 4).
 PIT_SELECTOR_LAYERS = (1, 5, 10)
-# Default keep ratio of every stage, relative to the stage's own grid.
-PIT_KEEP_RATIOS = (0.7, 0.7, 0.7)
+# Default keep ratio of each stage, relative to the stage's own grid: the seed's phase rates (pruning 0.383,
+# 0.631, 0.863), which the official training code hard-codes (its --base_rate flag is never read).
+PIT_KEEP_RATIOS = (0.617, 0.369, 0.137)
 
 
 def stage_bounds(vit):
@@ -242,7 +243,8 @@ def from_timm_pit(vit, **cfg):
     Args:
         vit: timm `pit_ti_224` / `pit_xs_224` / `pit_s_224` or any non-distilled PoolingVisionTransformer whose
             stages have >= 2 heads of a head dim that is a multiple of 4.
-        **cfg: pruning, keep_ratios (one per selector, each relative to its stage's grid; default 0.7 each),
+        **cfg: pruning, keep_ratios (one per selector, each relative to its stage's grid; default (0.617, 0.369,
+            0.137): PiT-S at 224 keeps 450 of 729, 72 of 196, 7 of 49),
             selector_layers (global block indices, one per stage at most, not a stage's first block for
             stages after the first; default (1, 5, 10)), package ("mean" | "sum"), package_merge ("add"
             only), threshold.
@@ -260,11 +262,14 @@ def from_timm_pit(vit, **cfg):
     return SPViTPiT(vit, selectors, config).eval()
 
 
-def create_spvit_pit(timm_name, num_classes=1000, img_size=224, **prune_cfg):
+def create_spvit_pit(timm_name, num_classes=1000, img_size=224, patch_size=None, drop_path_rate=0.0, **prune_cfg):
     """An SPViT-PiT on a fresh timm `timm_name` (pit_ti_224 / pit_xs_224 / pit_s_224), random init, eval."""
     import timm
 
-    vit = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, img_size=img_size)
+    if patch_size is not None:
+        raise ValueError(f"patch_size: PiT's stem (patch 16, stride 8 in timm's pit_*_224) is fixed by {timm_name}; leave it unset")
+    vit = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, img_size=img_size,
+                            drop_path_rate=drop_path_rate)
     return from_timm_pit(vit, **prune_cfg)
 
 

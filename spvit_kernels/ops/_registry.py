@@ -14,6 +14,9 @@ DEFAULT_ORDER = {
     "token_scores": {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")},
     "prune_pack": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "varlen_attention": {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")},
+    # One backend name serves both halves of policy_attention (forward and backward must match).
+    "policy_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "policy_attention_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
 }
 
 

@@ -21,6 +21,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 80, 96, 128)
+# policy_attention's Triton kernels pad the head dim to a power of two >= 16 (tl.dot's smallest tile).
+POLICY_HEAD_DIMS = tuple(range(16, 129))
 PRUNE_MODES = ("threshold", "topk")
 PACKAGE_MODES = ("none", "sum", "mean")
 PACKAGE_MERGES = ("concat", "add")
@@ -272,3 +274,32 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, allow_fl
             raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest image ({longest} rows)")
         max_seqlen = longest
     return lengths, max_seqlen, float(softmax_scale)
+
+
+def policy_attention(q, k, v, policy, eps, softmax_scale, *, allow_float64=False):
+    """Check policy_attention's arguments (q, k, v (B, N, H, d), policy (B, N)). Returns (eps, softmax_scale) as
+    floats."""
+    dtypes = TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_tensor(q, "q", ndim=4, dtypes=dtypes)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4, dtypes=(q.dtype,), device=q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and t.shape[3] > 1:
+            raise ValueError(f"{name} must have a contiguous last dimension ({name}.stride(3) == 1)")
+    B, N, H, d = q.shape
+    if d not in POLICY_HEAD_DIMS:
+        raise ValueError(f"q: head dim {d} is not supported; expected 16 <= d <= 128")
+    check_tensor(policy, "policy", ndim=2, dtypes=(torch.float32,) + ((torch.float64,) if allow_float64 else ()),
+                 device=q.device)
+    if tuple(policy.shape) != (B, N):
+        raise ValueError(f"policy must have shape (B, N) = {(B, N)}, got {tuple(policy.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    return float(eps), float(softmax_scale)
