@@ -8,6 +8,8 @@ Rows (spvit_kernels/kernel_report.py explains each column):
                     256: images of 1-16, 17-32, 33-64, 65-96 and 97-256 tokens).
   token_scores      the Triton per-head and combine kernels for the selector widths of DeiT-T/S/B (C/H 192/3,
                     384/6, 768/12) and LV-ViT-S/M (384/6, 512/8) in the three token dtypes.
+  policy_attention  the Triton training-attention kernels (forward, key-tile and query-tile backward) in the three
+                    dtypes, head dims 32 / 64 / 128, sequences of 16, 75 and 197 tokens.
   prune_pack        the CUDA C++ kernels of the built extension (--so, default: the imported one; skipped
                     when it was built without CUDA).
 Extra column sass_per_row_head (token_scores' per-head kernel): SASS instructions in its row loops x threads
@@ -72,6 +74,21 @@ def varlen_rows(dtypes):
     return rows
 
 
+POLICY_LENGTHS = (16, 75, 197)  # SPViT training: one tile, the last stage's rows, DeiT's full sequence
+
+
+def policy_rows(dtypes):
+    rows = []
+    for arch in ARCHS:
+        for dt in dtypes:
+            for d in (32, 64, 128):
+                for n in POLICY_LENGTHS:
+                    for part in kr.POLICY_KERNELS:
+                        stats, _ = kr.policy_attention_stats(arch, dt, d, n, part)
+                        rows.append(dict(stats.row(), models=f"head dim {d}", dtype=_dtype_name(dt)))
+    return rows
+
+
 def extension_rows(so_path):
     if so_path is None:
         from spvit_kernels._ext import _C, build_info
@@ -91,7 +108,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
-    rows = token_scores_rows(dtypes) + varlen_rows(dtypes) + extension_rows(args.so)
+    rows = token_scores_rows(dtypes) + varlen_rows(dtypes) + policy_rows(dtypes) + extension_rows(args.so)
     for r in rows:
         print(f"{r['kernel']:<28} sm_{r['arch']} {r['config'][:70]:<70} regs {r['registers']:>3} "
               f"spill {r['spill_bytes']:>3} smem {r['shared_bytes']:>6} occ {r['occupancy']:.2f} "

@@ -273,6 +273,39 @@ def varlen_attention_stats(arch, dtype, head_dim, max_seqlen):
     return triton_stats("varlen_attention", config, arch, k, meta["num_warps"]), c
 
 
+POLICY_KERNELS = {"fwd": "_policy_attention_fwd_kernel", "bwd_kv": "_policy_attention_bwd_kv_kernel",
+                  "bwd_q": "_policy_attention_bwd_q_kernel"}
+
+
+@functools.lru_cache(maxsize=None)
+def policy_attention_stats(arch, dtype, head_dim, seqlen, part):
+    """One of the Triton policy_attention kernels (part: "fwd", "bwd_kv", "bwd_q") in the config its launcher
+    picks for (seqlen, d, dtype)."""
+    from .triton import policy_attention as mod
+
+    cfg, c = mod._meta(seqlen, head_dim, dtype, backward=part != "fwd")
+    c = dict(c, UPCAST_DOTS=False)
+    fn = _jit_function(getattr(mod, POLICY_KERNELS[part]))
+    ptr = _TL_PTR[dtype]
+    types = {}
+    for a in fn.arg_names:
+        if a in c:
+            continue
+        if a in ("Q", "K", "V", "O", "DO"):
+            types[a] = ptr
+        elif a.isupper():
+            types[a] = "*fp32"
+        elif a.startswith("stride_") or a in ("seqlen", "num_heads"):
+            types[a] = "i32"
+        else:
+            types[a] = "fp32"
+    divisible = [a for a in types if types[a].startswith("*")] + [a for a in types if a.startswith("stride_")]
+    k = compile_triton(fn, arch, types, c, divisible, cfg.num_warps, cfg.num_stages)
+    config = (f"{str(dtype).replace('torch.', '')} d={head_dim} n={seqlen} BLOCK_M={cfg.BLOCK_M} "
+              f"BLOCK_N={cfg.BLOCK_N} warps={cfg.num_warps} stages={cfg.num_stages}")
+    return triton_stats(f"policy_attention_{part}", config, arch, k, cfg.num_warps), c
+
+
 @functools.lru_cache(maxsize=None)
 def token_scores_kernels(arch, dtype, channels, num_heads):
     """[(kernel name, compiled kernel, launch meta)] of the Triton token_scores kernels (per-head, combine) as a

@@ -43,7 +43,11 @@ constexpr int kWarps = kThreads / 32;
 static_assert(kThreads >= 256 && kThreads % 32 == 0 && kWarps <= 32, "radix select needs 256 threads");
 constexpr int kMaxCached = 4096;            // candidates per image whose keys live in shared memory
 constexpr int64_t kFusedOffsetsMaxImages = 4096;  // top-k: blocks compute their own offset up to this B
-constexpr int kUnroll = 4;                  // independent 16-byte loads in flight per thread
+// Independent loads in flight per thread: 4 of one element on the scalar path; of 16 bytes, 2 for 16-bit rows and
+// 1 for float32 ones (whose 4-float packs take 4 accumulators each). More passed the 64-register cap of two
+// 512-thread blocks per SM and spilled to local memory. Each keeps >= 16 KiB of loads in flight per SM.
+template <int EPV>
+constexpr int kUnrollFor = EPV == 1 ? 4 : (EPV == 4 ? 1 : 2);
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
 // Order-preserving key of a score: larger score -> larger key; -0 == +0; NaN -> 0, below -inf.
@@ -186,6 +190,7 @@ struct Params {
 template <typename scalar_t, int EPV>
 __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p) {
   using PackT = Pack<scalar_t, EPV>;
+  constexpr int kUnroll = kUnrollFor<EPV>;
   __shared__ uint32_t keys[kMaxCached];       // candidate keys (n <= kMaxCached)
   __shared__ float red[kThreads * EPV];       // pooling partial sums, one slot per thread
   __shared__ int chunk_rows[kThreads];        // kept candidates of the current chunk
@@ -197,7 +202,13 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
   const int new_pkg = p.package != 0;
-  const Segment g = segment(p.cu, b, p.T, p.P, p.Q);
+  // The image's segment is the same for every thread: held in shared memory, not in registers. Under the
+  // 64-register cap of two 512-thread blocks per SM its 64-bit fields were spilled to local memory (a 16-byte
+  // stack frame, LDL / STL) at every use.
+  __shared__ Segment g_shared;
+  if (tid == 0) g_shared = segment(p.cu, b, p.T, p.P, p.Q);
+  __syncthreads();
+  const Segment& g = g_shared;
   const int64_t n = g.n_cand;
   const int64_t total_rows = p.total_rows;
 
@@ -362,7 +373,11 @@ __global__ void __launch_bounds__(kThreads, 2) prune_pack_kernel(const Params p)
 
   // ---- new package row: fp32 keep_prob-weighted pooling of the dropped candidates (merge: plus the old
   // package row, in fp32)
-  const int64_t new_row = pkg_out + copied_old(g, p.merge);
+  // Block-uniform and live across the pooling loop: read from shared memory (in a register it was spilled).
+  __shared__ int64_t new_row_shared;
+  if (tid == 0) new_row_shared = pkg_out + copied_old(g, p.merge);
+  __syncthreads();
+  const int64_t& new_row = new_row_shared;
   const bool add_old = p.merge && g.n_old > 0;
   if (new_pkg) {
     float wpart = 0.f;

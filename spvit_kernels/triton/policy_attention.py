@@ -52,16 +52,16 @@ class PolicyConfig:
 
 
 def default_config(seqlen, head_dim, dtype, backward):
-    """Tiles for the forward / backward kernels: 64-wide tiles for 16-bit inputs (32 for head dims above 64 in the
-    backward, which holds two accumulators), 32 for float32 (IEEE dots on CUDA cores keep operands in registers);
+    """Tiles for the forward / backward kernels: 64-wide tiles for 16-bit inputs (32 query rows for head dims
+    above 64 in the backward, which holds two accumulators, with 8 warps), 32 for float32 (IEEE dots on CUDA cores keep operands in registers);
     16 for sequences of <= 16 tokens."""
     if seqlen <= 16:
         return PolicyConfig(16, 16, 2, 1)
     wide = triton.next_power_of_2(head_dim) > 64
     if dtype == torch.float32:
         return PolicyConfig(32, 32, 4, 1 if backward else 2)
-    if backward:
-        return PolicyConfig(32, 64, 4, 1) if wide else PolicyConfig(64, 64, 4, 1)
+    if backward:  # two (BLOCK_N, d) float32 accumulators: 8 warps keep them in registers (64 x 64 with 4 spill)
+        return PolicyConfig(32, 64, 8, 1)
     return PolicyConfig(64, 64, 8 if wide else 4, 2)
 
 
