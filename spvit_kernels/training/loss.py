@@ -49,6 +49,11 @@ def teacher_outputs(teacher, images):
     return tuple(out)
 
 
+def _f32(t):
+    """16-bit tensors upcast to float32 for the loss terms; float32 / float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _default_base(logits, targets):
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -127,7 +132,7 @@ class SPViTLoss(nn.Module):
             if t_logits.shape != logits.shape:
                 raise ValueError(f"teacher: its logits have shape {tuple(t_logits.shape)} but the student's have "
                                  f"{tuple(logits.shape)}")
-            cls_kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(t_logits.float(), dim=-1),
+            cls_kl = F.kl_div(F.log_softmax(_f32(logits), dim=-1), F.log_softmax(_f32(t_logits), dim=-1),
                               reduction="batchmean", log_target=True)
             terms["cls_kl"] = cls_kl
             terms["token"] = self._token_term(tokens, t_tokens, decision)
@@ -145,8 +150,8 @@ class SPViTLoss(nn.Module):
         """The token distillation term over the rows the last stage kept (decision > 0.5); 0 if none is."""
         B, P, C = tokens.shape
         kept = decision.reshape(B * P) > 0.5
-        student = tokens.reshape(B * P, C)[kept].float()
-        teacher = t_tokens.reshape(B * P, C)[kept].float()
+        student = _f32(tokens.reshape(B * P, C)[kept])
+        teacher = _f32(t_tokens.reshape(B * P, C)[kept])
         if student.shape[0] == 0:
             return tokens.new_zeros((), dtype=torch.float32)
         if self.token_loss == "mse":
