@@ -5,7 +5,8 @@
         [--compare dense,reference] [--limit N] [--on-corrupt skip|error] [--out results.json]
     torchrun --nproc-per-node 8 -m spvit_kernels.evaluate --data DIR ...
 
-The images go through the paper's transform (Resize 256 bicubic, CenterCrop 224, ImageNet mean / std). The
+The images go through the paper's transform (Resize 256 bicubic, CenterCrop 224, ImageNet mean / std; at
+--img-size S: Resize S / 0.875, CenterCrop S). The
 model is the accelerated SPViT (`spvit_kernels.accelerate`); --compare adds the dense backbone (the same
 weights without selectors: model.vit) and the reference SPViT (the masked, un-accelerated form), each
 with its top-1 agreement with the accelerated model. images/s counts the model forward only (synchronised
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int,
                    help="evaluate the first N files of the folder only (ImageFolder order, corrupt ones included)")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--img-size", type=int, default=224, help="the model's image size (the training command's)")
+    p.add_argument("--patch-size", type=int, help="the backbone's patch size (DeiT / LV-ViT; default 16)")
     p.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",
                    help="an image that cannot be decoded: skip it (and count it) or stop with an error")
     p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
@@ -47,7 +50,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--compare: unknown {bad}; choose among {list(COMPARE)}")
     args.compare = compare
-    for name in ("batch_size", "limit", "num_classes"):
+    for name in ("batch_size", "limit", "num_classes", "img_size", "patch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -63,7 +66,10 @@ def _build_model(args, device, dtype, calibration_images):
 
     if args.model not in list_models():
         raise ValueError(f"--model must be one of {list_models()}, got {args.model!r}")
-    model = create_model(args.model, pruning=args.pruning, num_classes=args.num_classes)
+    sizes = {"img_size": args.img_size}
+    if args.patch_size is not None:
+        sizes["patch_size"] = args.patch_size
+    model = create_model(args.model, pruning=args.pruning, num_classes=args.num_classes, **sizes)
     try:
         loaded = load_checkpoint(model, args.checkpoint) if args.checkpoint else None
     except CheckpointError as e:
@@ -103,7 +109,7 @@ def run(args):
 
     rank, world, device = distributed.setup(args.device)
     try:
-        dataset = open_image_folder(args.data, args.on_corrupt)
+        dataset = open_image_folder(args.data, args.on_corrupt, args.img_size)
         classes = len(dataset.classes)
         if classes > args.num_classes:
             raise ValueError(f"--data has {classes} classes, more than the model's --num-classes {args.num_classes}")

@@ -26,9 +26,9 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded (raised with --on-corrupt error)."""
 
 
-def open_image_folder(root, on_corrupt="skip"):
-    """An ImageFolder of `root` (one sub-folder per class) whose items are (image (3, 224, 224) or None, label,
-    index). A file that cannot be decoded gives None under on_corrupt="skip" and raises CorruptImageError
+def open_image_folder(root, on_corrupt="skip", img_size=224):
+    """An ImageFolder of `root` (one sub-folder per class) whose items are (image (3, img_size, img_size) or None,
+    label, index), through the paper's transform at img_size (resize to img_size / 0.875, centre crop). A file that cannot be decoded gives None under on_corrupt="skip" and raises CorruptImageError
     under "error".
 
     Raises ValueError naming --data for a missing, unreadable or empty folder."""
@@ -53,7 +53,7 @@ def open_image_folder(root, on_corrupt="skip"):
             return self.transform(image), label, index
 
     try:
-        return _Folder(str(root), transform=paper_transform())
+        return _Folder(str(root), transform=paper_transform(resize=int(round(img_size / 0.875)), crop=img_size))
     except (FileNotFoundError, PermissionError) as e:
         raise ValueError(f"--data: {str(root)!r} holds no readable images in class sub-folders ({e})") from e
 

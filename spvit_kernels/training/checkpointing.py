@@ -1,0 +1,40 @@
+"""Training checkpoints that resume exactly: model, optimizer, scaler, EMA, epoch, every random generator, args."""
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def rng_state():
+    """The generators a training step draws from (torch's CPU and CUDA ones, numpy's, Python's)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path, *, model, optimizer, scaler, ema, epoch, args, best_top1, rng):
+    """Write the checkpoint (atomically: a crash mid-write leaves the previous one). `model` is the bare module
+    (not the DistributedDataParallel wrapper); `rng` the per-rank generator states (a list, rank order)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "model_ema": ema.module.state_dict() if ema is not None else None,
+             "epoch": epoch, "best_top1": best_top1, "rng": rng, "args": vars(args)}
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path):
+    """The checkpoint dict (trusted: written by this command)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
