@@ -238,8 +238,8 @@ def run(args):
                 ema.module.load_state_dict(state["model_ema"])
             start_epoch, best = state["epoch"] + 1, state["best_top1"]
             checkpointing.set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
-        else:
-            torch.manual_seed(args.seed + rank)  # each rank its own augmentation and Gumbel noise
+        else:  # each rank its own augmentation (numpy: mixup, Python: RandAugment) and Gumbel noise (torch)
+            checkpointing.seed_all(args.seed + rank)
         # find_unused_parameters: a parameter can get no gradient in a step (e.g. LV-ViT's aux head when the last
         # stage keeps no patch, or a selector whose tokens are all dropped earlier); DDP must not wait for it.
         train_model = model
