@@ -1,6 +1,7 @@
 # Quick start (see README):
 #   make bench   set up .venv, build, run the end-to-end throughput comparison
 #   make test    set up .venv, build, run the test suite
+#   make digits-demo   train SPViT on scikit-learn's digits on the CPU (minutes), table + picture in benchmarks/results
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV (its folder), MAX_JOBS (compile jobs),
 # SPVIT_BUILD_CUDA (auto | 1 | 0, see setup.py), TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX).
@@ -11,7 +12,7 @@ DEPS_STAMP := $(VENV)/.spvit-deps
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup build test bench clean
+.PHONY: setup build test bench digits-demo clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ test: build
 
 bench: build
 	$(VPY) benchmarks/throughput.py
+
+digits-demo: build
+	$(VPY) python/digits_demo.py --out build/digits_run
 
 clean:
 	rm -rf build spvit_kernels/*.so *.egg-info
