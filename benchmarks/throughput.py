@@ -18,7 +18,7 @@ timing, the accelerated model is checked against the reference: in float32 the l
 the decision boundary may flip, so top-1 agreement and the logit error are recorded, and only a gross
 disagreement (> 25% of the logits' scale) stops the run.
 
-Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure SPEC section 7 names); on a
+Embedded defaults: on a GPU, bfloat16, batch 256, DeiT-T/S/B (the figure design section 7 names); on a
 CPU, float32, batch 4, 5 timed runs, so that it finishes in a few minutes.
 
     python benchmarks/throughput.py [--device cuda|cpu] [--batch N] [--dtype bfloat16|float16|float32]

@@ -2,6 +2,7 @@
 
     python python/visualize_pruning.py [--image PATH] [--model spvit_deit_small] [--checkpoint CKPT]
                                        [--pruning topk|threshold] [--threshold T] [--package-merge concat|add]
+                                       [--num-classes N] [--img-size S] [--patch-size P] [--threads N]
                                        [--out pruning.png]
 
 --model takes any create_model name at 224 px (DeiT, distilled DeiT, LV-ViT, PiT). Each panel shows the
@@ -11,8 +12,9 @@ cells spread evenly over the image (PiT's stem patches overlap, so a cell marks 
 
 Without --image it uses the sample photo that matplotlib ships (grace_hopper.jpg). Without --checkpoint
 the model has random weights: the picture is still drawn, and its title says that the kept patches then
-mean nothing. A checkpoint is a state_dict of the SPViT model (keys "vit.*" and "selectors.*") saved with
-torch.save, optionally under a "model" or "state_dict" key.
+mean nothing. A checkpoint is anything `spvit_kernels.models.load_checkpoint` reads (our state_dict, the paper
+code's checkpoint, the train command's checkpoint.pth / best.pth); --num-classes defaults to its head's size, and
+--img-size / --patch-size must be the model's (as for the evaluate and train commands).
 
 Threshold mode uses --threshold for every stage if given; otherwise it calibrates per-stage thresholds on the
 image itself (`calibrate_thresholds`) so that each stage keeps about its keep ratio, and the title says so.
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 
 from spvit_kernels import accelerate
-from spvit_kernels.models import calibrate_thresholds, create_model, list_models
+from spvit_kernels.models import CheckpointError, calibrate_thresholds, create_model, list_models, load_checkpoint
+from spvit_kernels.models.checkpoint import checkpoint_num_classes, read_checkpoint
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation used by DeiT
 STD = (0.229, 0.224, 0.225)
@@ -49,14 +52,6 @@ def load_image(path, size):
     img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-
-
-def load_checkpoint(model, path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    model.load_state_dict(state)
 
 
 def to_batch(pixels):
@@ -121,29 +116,46 @@ def main(argv=None):
                    help="threshold mode: keep_score threshold of every stage (default: calibrated on the image)")
     p.add_argument("--package-merge", default=None, choices=("concat", "add"),
                    help="package tokens: one per stage (concat) or one in total (add); default: the model's")
+    p.add_argument("--num-classes", type=int, help="the model's classes (default: the checkpoint's head, or 1000)")
+    p.add_argument("--img-size", type=int, default=224, help="the model's image size")
+    p.add_argument("--patch-size", type=int, help="the backbone's patch size (DeiT / LV-ViT; default 16)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="pruning.png")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     cfg = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.package_merge is not None:
         cfg["package_merge"] = args.package_merge
-    model = create_model(args.model, pruning=args.pruning, **cfg)
+    state = None
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        try:
+            state = read_checkpoint(args.checkpoint)
+        except (CheckpointError, FileNotFoundError) as e:
+            p.error(f"--checkpoint: {e}")
+    num_classes = args.num_classes or (checkpoint_num_classes(state) if state is not None else None) or 1000
+    sizes = {"img_size": args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {})}
+    model = create_model(args.model, pruning=args.pruning, num_classes=num_classes, **sizes, **cfg)
+    if state is not None:
+        try:
+            load_checkpoint(model, state)
+        except CheckpointError as e:
+            p.error(f"--checkpoint {args.checkpoint}: {e}")
         title = f"{args.model} ({args.pruning}), weights from {os.path.basename(args.checkpoint)}"
     else:
         title = (f"{args.model} ({args.pruning}) with RANDOM weights: the kept patches show the mechanism, "
                  "not what a trained model keeps")
     model = accelerate(model.eval())
     image = args.image or sample_image_path()
-    pixels = load_image(image, 224)
+    pixels = load_image(image, args.img_size)
     if args.pruning == "threshold" and args.threshold is None:
         with torch.inference_mode():
             thresholds = calibrate_thresholds(model, to_batch(pixels))
         title += "\nthresholds calibrated on this image to the keep ratios: " + \
             ", ".join(f"{t:.3g}" for t in thresholds)
-    kept, layers, grids = kept_patches(model, pixels)
+    kept, layers, grids = kept_patches(model, pixels, patch=args.patch_size or 16)
     draw(pixels, kept, layers, grids, args.out, title)
     print(f"wrote {args.out} ({os.path.basename(image)}; kept per stage: {[len(k) for k in kept]})")
     return kept

@@ -10,7 +10,7 @@ from . import ops
 from ._ext import _C, build_info
 from .version import __version__
 
-OPS = ("token_scores", "prune_pack", "varlen_attention")
+OPS = ("token_scores", "prune_pack", "varlen_attention", "policy_attention")
 
 
 def find_cuobjdump():
@@ -63,6 +63,8 @@ def collect():
         "CUDA arch list": info["cuda_archs"] or "-",
         "GPU visible": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no",
         "OpenMP": "yes" if info["openmp"] else "no",
+        # CPU speed collapses when threads oversubscribe the cores (the commands take --threads)
+        "CPU threads (torch)": f"{torch.get_num_threads()} of {os.cpu_count()} cores",
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
     }
     if info["with_cuda"]:
@@ -73,7 +75,13 @@ def collect():
     return rows
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m spvit_kernels.info",
+                            description="What this installation of spvit_kernels was built with, runs with (versions, "
+                                        "CUDA targets, CPU threads) and which backend of each op is usable here."
+                            ).parse_args(argv)
     rows = collect()
     width = max(len(k) for k in rows)
     for key, value in rows.items():

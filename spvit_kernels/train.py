@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ._cli import HelpFormatter
+
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FIELDS = ("epoch", "lr_selectors", "lr_backbone", "clf", "ratio", "cls_kl", "token", "total", "kept",
               "val_top1_masked", "seconds")
@@ -38,7 +40,7 @@ LOG_FIELDS = ("epoch", "lr_selectors", "lr_backbone", "clf", "ratio", "cls_kl", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m spvit_kernels.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     from .models import list_models
 
     p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
@@ -49,31 +51,31 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder for checkpoint.pth, best.pth, log.csv, results.json")
     p.add_argument("--backbone", help="a plain backbone state dict: the student's backbone and the teacher")
     p.add_argument("--num-classes", type=int, help="default: the training folder's class count")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per optimiser step")
     p.add_argument("--lr", type=float, default=5e-4, help="selector lr for a global batch of 512 (scaled linearly)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--min-lr", type=float, default=1e-5, help="selector lr at the end of the cosine")
     p.add_argument("--warmup-epochs", type=int, default=5, help="epochs with backbone lr 0")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="image side (the backbone is built at it)")
     p.add_argument("--patch-size", type=int, help="the backbone's patch size (DeiT / LV-ViT; default 16)")
     p.add_argument("--keep-ratios", type=float, nargs="+", help="per-stage keep ratios (default: the model's)")
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--ratio-weight", type=float, default=2.0)
-    p.add_argument("--distill-weight", type=float, default=0.5)
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the student")
+    p.add_argument("--ratio-weight", type=float, default=2.0, help="weight of the keep-ratio loss")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="weight of each distillation loss")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (0: off)")
     p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (0: off)")
-    p.add_argument("--no-randaugment", action="store_true")
+    p.add_argument("--no-randaugment", action="store_true", help="turn RandAugment (m9) off")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (decay --ema-decay)")
-    p.add_argument("--ema-decay", type=float, default=0.99996)
+    p.add_argument("--ema-decay", type=float, default=0.99996, help="decay of --model-ema")
     p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast dtype")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: fits cores)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every generator (per rank: seed + rank)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pth")
     p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     p.add_argument("--throughput-batch", type=int, default=64, help="batch of the final images/s comparison")

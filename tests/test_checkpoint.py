@@ -83,7 +83,7 @@ def test_paper_layout_round_trip(tmp_path, wrapped, name):
 
 
 def test_paper_selector_mapping_follows_the_spec():
-    """The paper's module indices land on the parameters SPEC section 2 names (checked by hand, not by the
+    """The paper's module indices land on the parameters design section 2 names (checked by hand, not by the
     exporter): senet.0 = Linear(H, H//2), in_conv.h.0 = LayerNorm(d), out_conv.h.4 = Linear(d/4, 2); DeiT's
     backbone keys are timm's."""
     model = _model(5)
@@ -165,10 +165,14 @@ def test_mismatched_model_lists_every_wrong_shape_and_unexpected_key():
     paper = to_paper_state_dict(src)  # 6 heads, 384 channels: in_conv.3..5 have no place in a 3-head selector
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(dst, {"model": paper})
-    msg = str(info.value)
-    assert "wrong shape: vit.cls_token is (1, 1, 384) in the checkpoint, (1, 1, 192) in the model" in msg
-    assert "wrong shape: selectors.0.se1.weight" in msg
-    assert "unexpected: score_predictor.0.in_conv.5.1.weight" in msg
+    msg, problems = str(info.value), info.value.problems
+    assert "wrong shape: vit.cls_token is (1, 1, 384) in the checkpoint, (1, 1, 192) in the model" in problems
+    assert any(p.startswith("wrong shape: selectors.0.se1.weight") for p in problems)
+    assert "unexpected: score_predictor.0.in_conv.5.1.weight" in problems
+    # A few lines that say which model the checkpoint is, not one line per tensor.
+    assert "looks like a model with 384 channels, depth 12, 7 classes; the model has 192 channels, depth 12, " \
+           "7 classes" in msg
+    assert len(msg.splitlines()) <= 10 and f"and {len(problems) - 8} more" in msg
     _assert_unchanged(dst, snapshot)
 
 
@@ -219,3 +223,46 @@ def test_family_renames_apply_both_ways():
     with pytest.warns(UserWarning, match="backbone only"):
         load_checkpoint(dst, backbone)
     assert torch.equal(dst.vit.head.bias, src.vit.head.bias + 1)
+
+
+# --- hostile files and tensors: nothing is loaded, and the message names the file / entry / key ----------------
+
+def test_flipped_bytes_are_caught_by_the_checksums(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": _model(20).state_dict()}, path)
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start:start + 4096] = bytes(b ^ 0xFF for b in data[start:start + 4096])
+    path.write_bytes(bytes(data))
+    dst = _model(21)
+    snapshot = _snapshot(dst)
+    with pytest.raises(CheckpointError, match=r"ckpt\.pth' is damaged: entry '.*/data/\d+' does not match its "
+                                              r"checksum .*nothing was loaded"):
+        load_checkpoint(dst, path)
+    _assert_unchanged(dst, snapshot)
+
+
+def test_meta_and_complex_tensors_are_refused_before_anything_is_copied():
+    src, dst = _model(22), _model(23)
+    snapshot = _snapshot(dst)
+    for bad_value, match in ((lambda v: v.to("meta"), "no data: vit.norm.bias is a meta tensor"),
+                             (lambda v: v.to(torch.complex64), "wrong dtype: vit.norm.bias is complex64 in the "
+                                                               "checkpoint, float32 in the model"),
+                             (lambda v: v.to(torch.int64), "wrong dtype: vit.norm.bias is int64")):
+        sd = src.state_dict()
+        last = "vit.norm.bias"
+        sd = {**{k: v for k, v in sd.items() if k != last}, last: bad_value(sd[last])}  # the bad one comes last
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(dst, sd)
+        _assert_unchanged(dst, snapshot)
+    # float64 / bfloat16 tensors of the right shape are fine (copy_ converts)
+    load_checkpoint(dst, {k: v.double() for k, v in src.state_dict().items()})
+    _assert_same_weights(src, dst)
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello, not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="neither a complete zip archive as torch.save writes nor a legacy "
+                                              "pickle"):
+        load_checkpoint(_model(24), path)

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,8 @@ def test_threshold_mode_calibrates_without_checkpoint_thresholds(folder, checkpo
                  *_evaluate_cmd(folder, checkpoint, out, "--pruning", "threshold", "--limit", "6")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["threshold_note"].startswith("calibrated on the first 4 images")  # 5 files, one corrupt
+    # 6 files, one corrupt: all 5 decodable ones drawn (seeded, across the folder), not the first batch of one class
+    assert result["threshold_note"].startswith("calibrated on 5 images drawn across the folder")
     assert result["images"] == 5 and result["corrupt_skipped"] == 1  # the limit counts the corrupt file too
     tokens = result["accelerated"]["mean_tokens_per_stage"]
     assert 2 <= tokens[2] < tokens[1] < tokens[0] <= 197
@@ -148,8 +150,9 @@ def test_errors(folder, checkpoint, tmp_path, capsys):
     assert "--data: " in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing"), "--model", MODEL]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert main(["--data", str(folder), "--model", "spvit_nope"]) == 2
-    assert "--model must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(folder), "--model", "spvit_nope"])
+    assert "invalid choice: 'spvit_nope'" in capsys.readouterr().err
     from spvit_kernels.evaluation.data import CorruptImageError, open_image_folder
 
     with pytest.raises(CorruptImageError, match="cannot decode .*broken.png"):
@@ -163,6 +166,73 @@ def test_errors(folder, checkpoint, tmp_path, capsys):
                  "--num-classes", str(NUM_CLASSES), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint" in err and "wrong shape: vit.cls_token is (1, 1, 384)" in err
+    assert "looks like a model with 384 channels, depth 12, 8 classes; the model has 192 channels" in err
+    assert len(err.splitlines()) <= 11  # a few lines, not one per tensor
+    assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(tmp_path / "nope.pth")]) == 2
+    assert capsys.readouterr().err.startswith("error: --checkpoint: no checkpoint file at ")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(text)]) == 2
+    assert "is neither a complete zip archive as torch.save writes nor a legacy pickle" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--data", str(folder), "--model", MODEL, "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU is usable here" in capsys.readouterr().err
+    assert main(["--data", str(folder), "--model", MODEL, "--device", "nonsense"]) == 2
+    assert "--device: 'nonsense' is not a device" in capsys.readouterr().err
+
+
+def test_defaults_from_the_checkpoint_and_the_machine(folder, checkpoint, tmp_path, capsys):
+    """No --num-classes: the checkpoint's head (8 classes, the folder has 3); workers sized to the cores; the
+    corrupt file named; no --checkpoint: a warning, and the folder's class count."""
+    from spvit_kernels.evaluate import main
+
+    out = tmp_path / "r.json"
+    assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(checkpoint), "--batch-size", "4",
+                 "--threads", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["num_classes"] == NUM_CLASSES and result["threads"] == 1
+    assert result["workers"] == min(4, max(0, (os.cpu_count() or 1) - 1))
+    assert [Path(f).name for f in result["corrupt_files"]] == ["broken.png"]
+    assert "skipped (cannot be decoded): " in captured.out and "broken.png" in captured.out
+    assert "warning" not in captured.err
+    _check(result, _direct_loop(folder, checkpoint))
+    assert main(["--data", str(folder), "--model", MODEL, "--workers", "0", "--limit", "2", "--out", str(out)]) == 0
+    assert "no --checkpoint: spvit_deit_tiny has random weights" in capsys.readouterr().err
+    assert json.loads(out.read_text())["num_classes"] == len(CLASSES)
+
+
+def test_threshold_calibration_does_not_depend_on_the_batch_size(folder, checkpoint, tmp_path, capsys):
+    from spvit_kernels.evaluate import main
+
+    notes = []
+    for batch in ("2", "7"):
+        out = tmp_path / f"r{batch}.json"
+        assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(checkpoint), "--batch-size",
+                     batch, "--workers", "0", "--pruning", "threshold", "--calibration-images", "6", "--out",
+                     str(out)]) == 0
+        result = json.loads(out.read_text())
+        notes.append((result["threshold_note"], result["accelerated"]["mean_tokens_per_stage"]))
+    assert notes[0] == notes[1] and notes[0][0].startswith("calibrated on 6 images drawn across the folder")
+    out = tmp_path / "given.json"
+    assert main(["--data", str(folder), "--model", MODEL, "--checkpoint", str(checkpoint), "--workers", "0",
+                 "--pruning", "threshold", "--threshold", "0.5", "-0.25", "1.0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["threshold_note"] == "from --threshold: (0.5, -0.25, 1.0)"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--data", str(folder), "--model", MODEL, "--threshold", "0.5"])
+    assert "--threshold needs --pruning threshold" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_model_names(capsys):
+    from spvit_kernels.evaluate import main
+    from spvit_kernels.models import list_models
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in text and "(default: topk)" in text
+    assert all(name in text for name in list_models())
 
 
 @pytest.mark.parametrize("n,world", [(13, 2), (5, 3), (2, 4), (0, 2)])

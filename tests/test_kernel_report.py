@@ -9,7 +9,7 @@ many HMMA per loop trip on sm_80 as the dots' shapes need (no dot lowered to FMA
 warp); token_scores' per-head kernel within half the SASS per row and head of its first form (5,590 thread
 instructions per row and head for DeiT-S bf16 on sm_80, measured with this parser at 507195d), for 16-bit
 tokens within 1,550, and its roofline model (benchmarks/roofline.py, fed with these compiles) within 1.5x of
-the bandwidth floor at DeiT-S's three selector stages on the A100 and the H100 (SPEC section 7).
+the bandwidth floor at DeiT-S's three selector stages on the A100 and the H100 (design section 7).
 
 The compiles run in one subprocess without TRITON_INTERPRET (the interpreter replaces triton.language in this
 one); Triton's disk cache makes reruns fast. ~40 compiles, 30-60 s on one core.
@@ -48,7 +48,7 @@ TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, Dei
 # 1,474 for both now (two passes over x, exp2-form GELU, LayerNorm and the global mean's row sums on the
 # tensor cores); the bound leaves ~5% for compiler scheduling noise.
 SASS_PER_ROW_HEAD_16BIT = 1550
-# SPEC section 7: each GPU kernel modeled within 1.5x of its floor.
+# design section 7: each GPU kernel modeled within 1.5x of its floor.
 MODEL_OVER_FLOOR = 1.5
 
 

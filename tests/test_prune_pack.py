@@ -383,7 +383,7 @@ ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
 
 def oracle_prune_pack(x, cu, score, prob, num_packages, mode, threshold, num_keep, package, package_merge,
                       num_prefix):
-    """An independent float64 prune_pack, row by row in plain Python (SPEC sections 2 and 4).
+    """An independent float64 prune_pack, row by row in plain Python (design sections 2 and 4).
 
     Returns (rows, cu_out, src): rows (T_out, C) float64 where copied rows are x's values and new (or merged)
     package rows are computed here; cu_out and src as lists."""
@@ -419,7 +419,7 @@ def oracle_prune_pack(x, cu, score, prob, num_packages, mode, threshold, num_kee
         src += image_src
         cu_out.append(cu_out[-1] + len(image_src))
     if mode == "topk":
-        # Top-k's output size is fixed by the shapes (SPEC section 4): the most candidates one image can have
+        # Top-k's output size is fixed by the shapes (design section 4): the most candidates one image can have
         # bounds k, and the rows no image owns are zeros with src -1.
         B = len(bounds) - 1
         k = min(num_keep, max(x.shape[0] - B * (num_prefix + num_packages), 0))

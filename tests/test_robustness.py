@@ -168,6 +168,24 @@ def test_images_of_the_wrong_shape_are_named(models, shape):
         models[1]([[0.0]])
 
 
+@pytest.mark.parametrize("family", ["spvit_deit_tiny", "spvit_lvvit_s", "spvit_pit_ti"])
+def test_images_of_another_dtype_are_named(family):
+    torch.manual_seed(0)
+    ref = create_model(family, num_classes=NUM_CLASSES).eval()
+    size = ref.vit.patch_embed.img_size if hasattr(ref.vit.patch_embed, "img_size") else (224, 224)
+    for model in (ref, accelerate(copy.deepcopy(ref))):
+        for dtype in (torch.uint8, torch.int64, torch.float64, torch.bool):
+            images = torch.zeros(1, 3, *size, dtype=dtype)
+            with torch.no_grad(), pytest.raises(TypeError, match=r"images must be a float32 tensor .* got "
+                                                + str(dtype).replace("torch.", "")):
+                model(images)
+    # under autocast float32 and 16-bit images are accepted (autocast casts for the convolution); float64 is not
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ref(torch.zeros(1, 3, *size, dtype=torch.bfloat16)).shape == (1, NUM_CLASSES)
+        with pytest.raises(TypeError, match="got float64"):
+            ref(torch.zeros(1, 3, *size, dtype=torch.float64))
+
+
 # --- 5. calibrate_thresholds with nothing to calibrate on --------------------------------------------------------
 
 def test_calibrate_thresholds_refuses_empty_and_nan_batches(models):
@@ -205,6 +223,48 @@ def test_raw_ops_reject_tensors_on_meta():
     # All on meta: shapes only, as torch.compile's tracing needs.
     out = torch.ops.spvit.token_scores(meta(x), meta(cu), 0, H, *map(meta, w))
     assert out[0].device.type == "meta" and out[0].shape == (x.shape[0],)
+
+
+def test_python_ops_on_meta_reach_the_fake_kernels():
+    """spvit_kernels.ops.* with meta tensors: the shapes of the real call (top-k, token_scores, varlen), and one
+    sentence for threshold mode, whose output size needs the data."""
+    H, d = 2, 16
+    x, cu = make_tokens([5, 3, 9], 1, H * d, torch.float32)
+    w = make_weights(H, d)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    real = ops.token_scores(x, cu, 1, H, *w)
+    fake = ops.token_scores(meta(x), meta(cu), 1, H, *map(meta, w))
+    assert [(t.device.type, t.shape, t.dtype) for t in fake] == [("meta", t.shape, t.dtype) for t in real]
+    s, p = real
+    real = ops.prune_pack(x, cu, s, p, 1, "topk", num_keep=2)
+    fake = ops.prune_pack(meta(x), meta(cu), meta(s), meta(p), 1, "topk", num_keep=2)
+    assert [(t.device.type, t.shape, t.dtype) for t in fake] == [("meta", t.shape, t.dtype) for t in real]
+    with pytest.raises(ValueError, match="x is a meta tensor: in mode='threshold'"):
+        ops.prune_pack(meta(x), meta(cu), meta(s), meta(p), 1, "threshold")
+    q = torch.randn(x.shape[0], 1, 32)
+    out = ops.varlen_attention(meta(q), meta(q), meta(q), meta(cu))
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's x * x, on purpose
+@pytest.mark.parametrize("backend", _backends("token_scores"))
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_token_scores_huge_and_tiny_tokens_are_right_or_nan(backend, scale):
+    """fp32 tokens near 1e20 square beyond fp32's range; LayerNorm is scale invariant, so the float64 answer is
+    ordinary. Every backend gives it, or NaN (the float32 PyTorch reference): never a finite wrong number."""
+    H, d = 2, 32
+    x, cu = make_tokens([6, 1, 5], 1, H * d, torch.float32)
+    w = make_weights(H, d)
+    x = x * scale
+    want = ops.token_scores(x.double(), cu, 1, H, *[t.double() for t in w], backend="reference")
+    got = ops.token_scores(x, cu, 1, H, *w, backend=backend)
+    for g, e in zip(got, want):
+        finite = torch.isfinite(e)
+        close = (g.double() - e).abs() <= 1e-3 * (1 + e.abs())
+        assert bool((close | g.isnan())[finite].all()), (backend, g, e)
+        assert torch.equal(g[~finite], e[~finite].float())  # prefix rows: +inf / 1
+    if backend != "reference":  # the kernels compute the right answer
+        assert bool(torch.isfinite(got[1]).all())
 
 
 # --- 7. num_keep out of range ---------------------------------------------------------------------------------------

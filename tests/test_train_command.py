@@ -184,3 +184,21 @@ def test_torchrun_two_processes(folder, tmp_path):
     assert proc.stdout.count("epoch 0:") == 1  # rank 0 prints
     state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(state["rng"]) == 2  # each rank's generators
+
+
+def test_randaugment_posterize_at_the_top_level_gives_the_zero_image():
+    """RandAugment inc1 keeps 0 bits at level 10: Pillow >= 11 raises there; the paper's Pillow gave black."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from spvit_kernels.training.data import train_transform
+
+    tf = train_transform(32)
+    (ra,) = [t for t in tf.transforms if isinstance(t, auto_augment.RandAugment)]
+    (op,) = [o for o in ra.ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    out = op(img)
+    assert out.size == img.size and out.mode == img.mode and not np.asarray(out).any()
+    op.magnitude = 5  # 2 bits kept: the ordinary path
+    assert np.array_equal(np.asarray(op(img)), np.asarray(img) & 0b11000000)

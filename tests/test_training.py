@@ -1,4 +1,4 @@
-"""SPViT training (SPEC section 8): the training forward's pieces against float64 references written in
+"""SPViT training (design section 8): the training forward's pieces against float64 references written in
 tests/training_oracle.py, gradchecks, the noise-free consistency with inference for every family, the loss, the
 recipe helpers, a few optimisation steps, the official init, and the errors."""
 
@@ -161,7 +161,7 @@ FAMILY_CASES = ([(n, "concat") for n in CHEAP_MODELS if "pit" not in n] + [(n, "
 @pytest.mark.parametrize("name, merge", FAMILY_CASES)
 def test_noise_free_training_equals_inference(name, merge):
     """Zero noise, train_attn_eps 0: the training logits are the inference logits with threshold 0, and each
-    decision is the kept set (SPEC section 8); here with thresholds t_s, which the noise (-t_s, 0) shifts to 0. LV-ViT's BatchNorm stem stays in eval mode (train-mode BatchNorm
+    decision is the kept set (design section 8); here with thresholds t_s, which the noise (-t_s, 0) shifts to 0. LV-ViT's BatchNorm stem stays in eval mode (train-mode BatchNorm
     uses batch statistics, which is not part of the pruning semantics); dropout / drop path are off."""
     torch.manual_seed(3)
     model = _family_model(name, merge, pruning="threshold", threshold=0.0, train_attn_eps=0.0).double()

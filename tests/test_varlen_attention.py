@@ -1,4 +1,4 @@
-"""varlen_attention: attention inside each image of a ragged batch (SPEC section 4).
+"""varlen_attention: attention inside each image of a ragged batch (design section 4).
 
 Oracle: the reference backend on float64 copies of the inputs. Tolerances follow flash-attention's tests: a
 backend's max error against the oracle may be at most ERR_MULT times (+ EPS) the error of plain PyTorch

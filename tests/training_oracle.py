@@ -1,4 +1,4 @@
-"""Independent float64 references of SPViT's training formulas (SPEC section 8), written from the formulas, with
+"""Independent float64 references of SPViT's training formulas (design section 8), written from the formulas, with
 loops over heads and images where the library vectorises: the selector with the weighted global mean, the Gumbel
 straight-through keep, the training package token, and the loss terms."""
 

@@ -1,5 +1,5 @@
 // prune_pack on CPU: keep decision, gather of prefix / kept / old package rows, pooling of the dropped rows
-// into a new package row, src_index and cu_seqlens_out (SPEC sections 2-4).
+// into a new package row, src_index and cu_seqlens_out (design sections 2-4).
 //
 // Layout: x (T, C) rows of all images concatenated, image b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1
 // = [Q prefix rows, n_b candidates, P old package rows]. Output image b: [Q prefix rows, kept candidates in

@@ -1,4 +1,4 @@
-// token_scores on CPU: the fused SPViT selector (SPEC section 2), two passes per image.
+// token_scores on CPU: the fused SPViT selector (design section 2), two passes per image.
 //
 // Pass 1 (per image and head, over every row of S = all rows but the num_prefix prefix rows): LayerNorm of
 //   the head's d channels, u = GELU(W_in xn + b_in); the global half u[d/2:] is summed in row order and its
@@ -160,7 +160,19 @@ SPVIT_TS_INLINE void layer_norm(const float* __restrict x, int64_t ld, int64_t r
     float* __restrict o = xn + r * d;
     const float mu = row_sum(xr, d) * inv_d;
     for (int64_t k = 0; k < d; ++k) o[k] = xr[k] - mu;
-    const float rstd = 1.0f / std::sqrt(row_dot(o, o, d) * inv_d + 1e-5f);
+    float rstd = 1.0f / std::sqrt(row_dot(o, o, d) * inv_d + 1e-5f);
+    if (rstd == 0.0f) {
+      // The squares overflowed (|x - mean| beyond ~1e19): LayerNorm is scale invariant, so take the variance of
+      // the row scaled by its largest |x - mean| (eps is then far below the variance). NaN / inf rows stay NaN.
+      float amax = 0.0f;
+      for (int64_t k = 0; k < d; ++k) amax = std::max(amax, std::fabs(o[k]));
+      if (std::isfinite(amax)) {
+        const float inv = 1.0f / amax;
+        float ss = 0.0f;
+        for (int64_t k = 0; k < d; ++k) ss += (o[k] * inv) * (o[k] * inv);
+        rstd = inv / std::sqrt(ss * inv_d);
+      }
+    }
     for (int64_t k = 0; k < d; ++k) o[k] = o[k] * rstd * g[k] + b[k];
     mean[r] = mu;
   }

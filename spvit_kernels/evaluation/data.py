@@ -59,12 +59,28 @@ def open_image_folder(root, on_corrupt="skip", img_size=224):
 
 
 def collate(items):
-    """Batch the decodable items -> (images (B, 3, H, W) or None, labels (B,), indices (B,), corrupt count)."""
+    """Batch the decodable items -> (images (B, 3, H, W) or None, labels (B,), indices (B,), dataset indices of
+    the items that could not be decoded (a list))."""
     good = [it for it in items if it[0] is not None]
     labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
     images = torch.stack([it[0] for it in good]) if good else None
-    return images, labels, indices, len(items) - len(good)
+    return images, labels, indices, [it[2] for it in items if it[0] is None]
+
+
+def calibration_sample(dataset, n, seed=0):
+    """Up to n decodable images drawn uniformly (seeded) across the whole dataset, not the first files in folder
+    order (which are one class): (images (m, 3, H, W) or None, the dataset indices drawn)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, drawn = [], []
+    for i in order:
+        if len(picked) == n:
+            break
+        item = dataset[i]
+        if item[0] is not None:
+            picked.append(item)
+            drawn.append(i)
+    return (torch.stack([it[0] for it in picked]) if picked else None), drawn
 
 
 class ShardSampler(Sampler):

@@ -12,7 +12,15 @@ def setup(device_arg):
     rank = int(os.environ.get("RANK", "0"))
     if device_arg is None:
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {device_arg!r} is not a device ({str(e).splitlines()[0]})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_arg}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device_arg!r}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -28,6 +36,15 @@ def all_reduce(values, op, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def gather_lists(items):
+    """Concatenate a Python list from every rank (rank order); the list itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
 
 
 def teardown():

@@ -59,17 +59,18 @@ def evaluate_models(models, loader, device, dtype, num_stages, progress=None):
 
     Args:
         models: dict name -> (module, with_info): with_info=True calls module(images, return_info=True).
-        loader: yields (images (B, 3, H, W) float32 or None, labels (B,), indices (B,), corrupt count).
+        loader: yields (images (B, 3, H, W) float32 or None, labels (B,), indices (B,), corrupt indices).
         device, dtype: where and in which dtype the images go.
         num_stages: pruning stages (length of the tokens-per-stage sums).
         progress: an optional tqdm-like wrapper of the loader.
     Returns:
-        (tallies: dict name -> Tally, data_s: seconds spent waiting for batches and copying them, corrupt count).
+        (tallies: dict name -> Tally, data_s: seconds spent waiting for batches and copying them, dataset indices
+        of the images that could not be decoded).
     Each model runs once untimed on the first batch first (one-time costs: kernel compilation, allocations).
     """
     tallies = {name: Tally(num_stages if with_info else 0) for name, (_, with_info) in models.items()}
     main = next(iter(models))
-    data_s, corrupt, warm = 0.0, 0, False
+    data_s, corrupt, warm = 0.0, [], False
     batches = iter(progress(loader) if progress else loader)
     while True:
         start = time.perf_counter()
@@ -77,7 +78,7 @@ def evaluate_models(models, loader, device, dtype, num_stages, progress=None):
         if batch is None:
             break
         images, labels, _, bad = batch
-        corrupt += bad
+        corrupt.extend(bad)
         if images is None:
             data_s += time.perf_counter() - start
             continue

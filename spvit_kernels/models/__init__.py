@@ -1,4 +1,4 @@
-"""Reference SPViT models (SPEC sections 2 and 5): timm DeiT/ViT + token selectors, official masked form.
+"""Reference SPViT models (design sections 2 and 5): timm DeiT/ViT + token selectors, official masked form.
 
     create_model(name, **cfg) -> SPViT      spvit_deit_tiny / _small / _base / _256 / _320 (and _distilled),
                                             spvit_lvvit_s / _m; random init

@@ -20,6 +20,8 @@ ours. The DeiT family (SPViT on timm) needs no renames.
 import argparse
 import dataclasses
 import warnings
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ import torch
 
 from .config import _threshold
 
-__all__ = ["CheckpointError", "CheckpointFormat", "LoadResult", "load_checkpoint", "to_paper_state_dict"]
+__all__ = ["CheckpointError", "CheckpointFormat", "LoadResult", "checkpoint_num_classes", "load_checkpoint",
+           "read_checkpoint", "to_paper_state_dict"]
 
 # Our TokenSelector parameter -> its name inside the paper's score_predictor.<s> (".{h}" = one copy per head).
 SHARED_SELECTOR_PARAMS = {"se1": "senet.0", "se2": "senet.2"}
@@ -41,7 +44,12 @@ WRAPPER_KEYS = ("model", "state_dict")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message lists every offending key."""
+    """A checkpoint that cannot be read or does not fit the model. `problems` lists every offending key (the
+    message shows the first few, and which model the checkpoint looks like when it is of another size)."""
+
+    def __init__(self, message, problems=()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 @dataclass(frozen=True)
@@ -97,19 +105,75 @@ def _read(path_or_state_dict):
                         f"{type(path_or_state_dict).__name__}")
     path = Path(path_or_state_dict)
     if not path.is_file():
-        raise FileNotFoundError(f"path_or_state_dict: no checkpoint file at {str(path)!r}")
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r} (path_or_state_dict)")
+    if zipfile.is_zipfile(path):
+        _verify_archive(path)
     try:
         # weights_only: no arbitrary code from the file. The paper code (DeiT's training script) saves its
         # argparse.Namespace beside the model, so that one class is allowed too.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a truncated or foreign file, or a refused class
-        raise CheckpointError(f"path_or_state_dict: cannot read {str(path)!r} as a torch checkpoint ({e}); a "
-                              "checkpoint you trust that holds other objects can be loaded with torch.load("
-                              "weights_only=False) and passed as a dict") from e
+        if not zipfile.is_zipfile(path) and "Unsupported global" not in str(e):  # not a refused class: no pickle
+            raise CheckpointError(f"cannot read {str(path)!r} as a torch checkpoint: it is neither a complete zip "
+                                  "archive as torch.save writes nor a legacy pickle (truncated, or another kind of "
+                                  f"file?); torch.load says {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1][:200]}") from e
+        raise CheckpointError(f"cannot read {str(path)!r} as a torch checkpoint ({e}); a checkpoint you trust "
+                              "that holds other objects can be loaded with torch.load(weights_only=False) and "
+                              "passed as a dict") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"path_or_state_dict: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _verify_archive(path):
+    """Check every entry of a torch.save zip archive against its stored CRC-32 before anything is loaded: torch's
+    own reader does not, so flipped bytes would otherwise load as silently wrong weights. Entries written without a
+    checksum (torch.serialization.config.save.compute_crc32 = False stores 0) cannot be checked and are skipped."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:
+                    continue
+                with archive.open(info) as entry:  # reading to the end compares the CRC-32
+                    while entry.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        where = f"entry {info.filename!r}" if "info" in locals() else "its directory"
+        raise CheckpointError(f"{str(path)!r} is damaged: {where} does not match its checksum or cannot be "
+                              f"read ({e}); nothing was loaded") from e
+
+
+def _describe(sd):
+    """What model a state dict looks like: 'C channels, depth D, K classes' (as far as its keys tell)."""
+    parts = []
+    for key, v in sd.items():
+        if key.endswith("cls_token") or key.endswith("pos_embed"):
+            parts.append(f"{v.shape[-1]} channels")
+            break
+    depths = [int(k.split("blocks.", 1)[1].split(".")[0]) for k in sd
+              if "blocks." in k and k.split("blocks.", 1)[1].split(".")[0].isdigit()]
+    if depths:
+        parts.append(f"depth {max(depths) + 1}")
+    heads = [v for k, v in sd.items() if k.endswith("head.weight") and "aux" not in k and v.dim() == 2]
+    if heads:
+        parts.append(f"{heads[0].shape[0]} classes")
+    return ", ".join(parts) or "no recognisable backbone keys"
+
+
+def _tensor_problems(k, v, want):
+    """Why checkpoint tensor `v` cannot be copied into the model's `want` (None when it can)."""
+    if v.is_meta:
+        return f"no data: {k} is a meta tensor in the checkpoint"
+    if v.shape != want.shape:
+        return f"wrong shape: {k} is {tuple(v.shape)} in the checkpoint, {tuple(want.shape)} in the model"
+    kind = lambda t: "complex" if t.is_complex() else "floating" if t.is_floating_point() else (  # noqa: E731
+        "bool" if t.dtype == torch.bool else "integer")
+    if kind(v) != kind(want):
+        return f"wrong dtype: {k} is {str(v.dtype).replace('torch.', '')} in the checkpoint, " \
+               f"{str(want.dtype).replace('torch.', '')} in the model"
+    return None
 
 
 def _unwrap(obj):
@@ -121,7 +185,7 @@ def _unwrap(obj):
             break
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
     if not sd:
-        raise CheckpointError("path_or_state_dict: the checkpoint holds no tensors (expected a state dict, "
+        raise CheckpointError("the checkpoint (path_or_state_dict) holds no tensors (expected a state dict, "
                               f"or a dict with one under {WRAPPER_KEYS})")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -201,9 +265,12 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
     expected = [k for k in own if layout != "backbone" or not k.startswith(SELECTOR_PREFIX)]
     missing = [k for k in expected if k not in mapped]
     unexpected += [k for k in mapped if k not in own]
+    shape_errors = 0
     for k, v in mapped.items():
-        if k in own and v.shape != own[k].shape:
-            errors.append(f"wrong shape: {k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+        problem = _tensor_problems(k, v, own[k]) if k in own else None
+        if problem is not None:
+            errors.append(problem)
+            shape_errors += problem.startswith("wrong shape")
     if threshold is not None:
         try:
             config = dataclasses.replace(model.config, threshold=_threshold(
@@ -213,8 +280,12 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
     if strict:
         errors += [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
     if errors:
-        raise CheckpointError(f"path_or_state_dict does not match the {type(model).__name__} model "
-                              f"({layout} layout), {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+        head = f"the checkpoint does not match the {type(model).__name__} model ({layout} layout)"
+        if shape_errors > 3:  # another model size: say which, rather than every tensor
+            head += (f": the checkpoint looks like a model with {_describe(sd)}; the model has "
+                     f"{_describe(model.state_dict() if layout == 'ours' else _published(model, fmt))}")
+        shown = errors[:8] + ([f"... and {len(errors) - 8} more"] if len(errors) > 8 else [])
+        raise CheckpointError(f"{head}; {len(errors)} problem(s):\n  " + "\n  ".join(shown), errors)
     with torch.no_grad():
         for k, v in mapped.items():
             if k in own:
@@ -225,6 +296,25 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
         warnings.warn(f"path_or_state_dict holds the backbone only: the {len(model.selectors)} token selectors keep "
                       "their freshly initialised weights", stacklevel=2)
     return LoadResult(layout, missing, [k for k in unexpected], threshold)
+
+
+def read_checkpoint(path):
+    """The object a checkpoint file holds (torch.load with weights_only, after its checksums were verified), to
+    pass to load_checkpoint and checkpoint_num_classes without reading the file twice. Raises FileNotFoundError /
+    CheckpointError naming the file."""
+    return _read(path)
+
+
+def checkpoint_num_classes(path_or_state_dict):
+    """The class count of the checkpoint's classification head ("head.weight" rows), or None without one."""
+    sd, _ = _unwrap(_read(path_or_state_dict))
+    heads = [v for k, v in sd.items() if k.split(".")[-2:] == ["head", "weight"] and v.dim() == 2]
+    return int(heads[0].shape[0]) if heads else None
+
+
+def _published(model, fmt):
+    """The model's backbone state dict under published names (for _describe)."""
+    return {fmt.to_published(k): v for k, v in model.state_dict().items() if k.startswith(fmt.backbone_prefix)}
 
 
 def to_paper_state_dict(model):

@@ -1,4 +1,4 @@
-"""The pruning configuration of an SPViT model and its validation (SPEC sections 2 and 5)."""
+"""The pruning configuration of an SPViT model and its validation (design sections 2 and 5)."""
 
 import math
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ DEFAULT_SELECTOR_LAYERS = (3, 6, 9)
 
 CONFIG_FIELDS = ("pruning", "keep_ratios", "selector_layers", "package", "threshold", "package_merge", "gumbel_tau",
                  "train_attn_eps")
-# Training (SPEC section 8): the Gumbel softmax temperature and the attention smoothing constant of the paper code.
+# Training (design section 8): the Gumbel softmax temperature and the attention smoothing constant of the paper code.
 DEFAULT_GUMBEL_TAU = 1.0
 DEFAULT_TRAIN_ATTN_EPS = 1e-6
 

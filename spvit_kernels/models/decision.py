@@ -1,4 +1,4 @@
-"""Batched keep decision and package-token pooling of the masked reference model (SPEC section 2).
+"""Batched keep decision and package-token pooling of the masked reference model (design section 2).
 
 These are the (B, P)-tensor forms of `spvit_kernels.reference.prune_pack.keep_mask` and of the
 reference package pooling, written without a per-image Python loop or a host synchronisation so the

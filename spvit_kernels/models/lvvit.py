@@ -1,4 +1,4 @@
-"""LV-ViT-S / LV-ViT-M (token labeling ViTs) as SPViT backbones (SPEC section 5, "Model families").
+"""LV-ViT-S / LV-ViT-M (token labeling ViTs) as SPViT backbones (design section 5, "Model families").
 
 timm does not ship LV-ViT, so the backbone is written here. Its parameter names are those of the
 published LV-ViT checkpoints, so their backbone weights load with `load_state_dict`:

@@ -1,4 +1,4 @@
-"""SPViT on timm's Pooling-based ViT (PiT-Ti / XS / S): the masked reference model (SPEC section 5).
+"""SPViT on timm's Pooling-based ViT (PiT-Ti / XS / S): the masked reference model (design section 5).
 
 PiT runs its blocks in stages; between stages a pooling layer halves the token grid (a depthwise conv on
 the grid) and maps the class row with a Linear (`fc`). SPViT-PiT puts at most one selector in a stage
@@ -162,7 +162,7 @@ class SPViTPiT(SPViT):
     freeze_dropped = True  # training: a dropped row keeps its value (the frozen-value rule)
 
     def forward_train(self, images, gumbel_noise=None):
-        """The training forward (SPEC section 8) stage by stage: each stage starts with its whole grid alive,
+        """The training forward (design section 8) stage by stage: each stage starts with its whole grid alive,
         its selector (if any) decides with the Gumbel straight-through estimator, later blocks of the stage
         attend with the policy and leave dropped rows at their values (x + keep * update). gumbel_noise: None
         or one tensor per selector broadcastable to (B, H_s * W_s, 2). Returns a TrainOutput whose tokens,

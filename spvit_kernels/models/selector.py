@@ -1,4 +1,4 @@
-"""The SPViT token selector (SPEC section 2, "Selector"): one per pruning location, heads share one MLP."""
+"""The SPViT token selector (design section 2, "Selector"): one per pruning location, heads share one MLP."""
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ def _linear(layer, t):
 class TokenSelector(nn.Module):
     """Scores tokens with the per-head MLP of SPViT plus the SE head-weighting branch.
 
-    With d = dim / num_heads, the parameters are exactly those of SPEC section 2:
+    With d = dim / num_heads, the parameters are exactly those of design section 2:
         norm     LayerNorm(d, eps=1e-5)   per-head LayerNorm (affine)
         proj_in  Linear(d, d)             u = GELU(proj_in(norm(S_h)))
         mlp1     Linear(d, d/2)           on [u_local (d/2), global mean of u_global (d/2)]
@@ -103,7 +103,7 @@ class TokenSelector(nn.Module):
         return score[..., 0] - score[..., 1], prob[..., 0]
 
     def train_scores(self, S, weights):
-        """The training form (SPEC section 8): the global mean weighted by the previous keep mask, with gradient.
+        """The training form (design section 8): the global mean weighted by the previous keep mask, with gradient.
 
         Args:
             S: (B, M, C) every row of each image after its prefix rows (spatial rows, then package rows).

@@ -13,7 +13,7 @@ Structure (what `spvit_kernels.accelerate` re-runs on packed ragged rows):
                                                            mean of the other rows (global_pool="avg")
     model.num_keep(stage, P), model.config.num_packages_after(stage)
 
-Masked forward (SPEC section 2, "Blocks"): the (B, num_prefix + P, C) token tensor is kept whole. Rows are
+Masked forward (design section 2, "Blocks"): the (B, num_prefix + P, C) token tensor is kept whole. Rows are
 [prefix rows, P spatial tokens in patch order (dropped ones stay in place), package rows]. At stage s,
 before block selector_layers[s]:
   1. the selector scores every non-prefix row, its global mean over the image's alive rows
@@ -28,7 +28,7 @@ token; class and distillation tokens, whose two heads are averaged) or, for glob
 over the rows the image still carries (alive patches and package rows). The logits equal the ones of the
 pruned ragged execution (tested against an independent token-dropping formulation).
 
-Training (SPEC section 8): in training mode `model(images, gumbel_noise=None)` runs the paper code's training
+Training (design section 8): in training mode `model(images, gumbel_noise=None)` runs the paper code's training
 form (Gumbel straight-through decisions, weighted selector means, policy attention; see train_forward.py) and
 returns a TrainOutput. The DeiT family lets dropped rows keep going through the blocks, as the official code;
 families whose later layers read token positions (LV-ViT, PiT) set `freeze_dropped` and multiply a dropped
@@ -65,7 +65,7 @@ class SPViT(nn.Module):
         "num_tokens":   int64 CPU tensor (S, B): tokens image b carries after stage s in the pruned form,
                         num_prefix + num_kept + config.num_packages_after(s).
         "selector_layers": config.selector_layers (the block each stage sits before).
-    In training mode (`model.train()`), `model(images, gumbel_noise=None)` -> TrainOutput (SPEC section 8).
+    In training mode (`model.train()`), `model(images, gumbel_noise=None)` -> TrainOutput (design section 8).
     """
 
     # Whether a dropped row's block update is multiplied by its keep mask in training (LV-ViT, PiT).
@@ -111,7 +111,8 @@ class SPViT(nn.Module):
         """Raise a TypeError / ValueError naming `images` unless it is (B, in_chans, H, W) as the model expects
         (H, W: the patch embedding's image size where it is fixed)."""
         pe = self.vit.patch_embed
-        in_chans = next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels  # the stem's first conv
+        stem = next(m for m in pe.modules() if isinstance(m, nn.Conv2d))  # the stem's first conv
+        in_chans = stem.in_channels
         # timm's ViT says whether its size is fixed (strict_img_size); stems without that flag (LV-ViT, PiT)
         # carry a position embedding of one grid, so their img_size is fixed.
         img_size = getattr(pe, "img_size", None)
@@ -122,6 +123,14 @@ class SPViT(nn.Module):
         if (images.dim() != 4 or images.shape[1] != in_chans
                 or (fixed and tuple(images.shape[2:]) != tuple(img_size))):
             raise ValueError(f"images must have shape {want}, got {tuple(images.shape)}")
+        # The stem's convolution needs the weights' dtype; autocast casts float32 / 16-bit images itself.
+        w_dtype = stem.weight.dtype
+        autocast_ok = (torch.is_autocast_enabled(images.device.type)
+                       and images.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        if images.dtype != w_dtype and not autocast_ok:
+            raise TypeError(f"images must be a {str(w_dtype).replace('torch.', '')} tensor like the model's "
+                            f"weights (float32 / float16 / bfloat16 under torch.autocast), got "
+                            f"{str(images.dtype).replace('torch.', '')}: convert with images.to(...)")
 
     def forward_stem(self, images):
         """images (B, in_chans, H, W) -> tokens (B, num_prefix + P, C): patch embed, prefix tokens, pos
@@ -252,7 +261,7 @@ class SPViT(nn.Module):
         return x, keep, keys
 
     def forward_train(self, images, gumbel_noise=None):
-        """The training forward (SPEC section 8), masked form, on checked images (B, in_chans, H, W).
+        """The training forward (design section 8), masked form, on checked images (B, in_chans, H, W).
 
         Args:
             gumbel_noise: None (drawn as F.gumbel_softmax draws it) or a list of one tensor per stage, each

@@ -1,4 +1,4 @@
-"""The pieces of SPViT's training forward (SPEC section 8) that every model family shares.
+"""The pieces of SPViT's training forward (design section 8) that every model family shares.
 
 Training runs the masked form: the full token tensor is kept, because the selector's gradient flows through the
 dropped tokens' keys and values (policy attention) and through the package token. Per stage s:

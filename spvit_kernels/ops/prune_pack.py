@@ -69,6 +69,11 @@ def prune_pack(x, cu_seqlens, keep_score, keep_prob, num_packages, mode, thresho
     """
     args = (x, cu_seqlens, keep_score, keep_prob, num_packages, mode, threshold, num_keep, package, package_merge,
             num_prefix)
+    if (torch.is_tensor(x) and x.device.type == "meta" and mode == "threshold"
+            and not torch.compiler.is_compiling()):
+        raise ValueError("x is a meta tensor: in mode='threshold' the output's row count depends on keep_score's "
+                         "values, which meta tensors do not have (mode='topk' has a fixed size; torch.compile / "
+                         "FakeTensorMode trace threshold mode with a data-dependent size)")
     return _library.call(OP, args, backend, _check)
 
 

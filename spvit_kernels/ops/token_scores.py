@@ -1,4 +1,4 @@
-"""torch.ops.spvit.token_scores: per-head token scoring of the SPViT selector (SPEC section 2)."""
+"""torch.ops.spvit.token_scores: per-head token scoring of the SPViT selector (design section 2)."""
 
 import torch
 

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the spvit ops (the `"reference"` backend).
 
-They follow SPEC section 2 literally, image by image, and compute in float32 (float64 for float64
+They follow design section 2 literally, image by image, and compute in float32 (float64 for float64
 inputs), so they double as the float64 oracle of the tests.
 """
 

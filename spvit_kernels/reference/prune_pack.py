@@ -1,4 +1,4 @@
-"""Reference keep decision + gather + package-token pooling (SPEC section 2, "Decision", "Package token")."""
+"""Reference keep decision + gather + package-token pooling (design section 2, "Decision", "Package token")."""
 
 import torch
 

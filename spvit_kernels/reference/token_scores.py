@@ -1,4 +1,4 @@
-"""Reference per-head token scoring (SPEC section 2, "Selector")."""
+"""Reference per-head token scoring (design section 2, "Selector")."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Training the token selectors as the paper code does (SPEC section 8).
+"""Training the token selectors as the paper code does (design section 8).
 
     model.train(); out = model(images)            -> TrainOutput(logits, tokens, decision, decisions)
     SPViTLoss(teacher, keep_ratios)(images, out, targets)   classification + ratio + logit KL + token loss

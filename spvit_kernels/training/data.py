@@ -10,12 +10,29 @@ from ..evaluation.data import IMAGENET_MEAN, IMAGENET_STD, paper_transform
 def train_transform(img_size, randaugment=True, reprob=0.25, color_jitter=0.4):
     """DeiT's training transform at `img_size` (timm create_transform): random resized crop (bicubic), flip,
     RandAugment rand-m9-mstd0.5-inc1 (or colour jitter when it is off), ImageNet mean / std, random erasing."""
-    from timm.data import create_transform
+    from timm.data import auto_augment, create_transform
 
-    return create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
-                            auto_augment="rand-m9-mstd0.5-inc1" if randaugment else None,
-                            interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    tf = create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
+                          auto_augment="rand-m9-mstd0.5-inc1" if randaugment else None,
+                          interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for t in getattr(tf, "transforms", ()):
+        for op in getattr(t, "ops", ()) if isinstance(t, auto_augment.RandAugment) else ():
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize_any_bits
+    return tf
+
+
+def posterize_any_bits(img, bits_to_keep, **kwargs):
+    """timm's posterize, also for 0 bits: "inc1" RandAugment keeps 4 - int(0.4 level) bits, 0 at the top level
+    (magnitude 9 with std 0.5 reaches it), which Pillow >= 11 refuses ("bits must be between or equal to 1 and
+    8") while the Pillow of the paper's time returned the all-zero image: that is what 0 bits gives here."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def eval_transform(img_size):

@@ -1,4 +1,4 @@
-"""SPViT's training loss (SPEC section 8; the paper code's DistillDiffPruningLoss) and the teacher's outputs.
+"""SPViT's training loss (design section 8; the paper code's DistillDiffPruningLoss) and the teacher's outputs.
 
     loss = clf_weight     * base(logits, targets)
          + ratio_weight   * sum_s (mean(decisions[s]) - r_s)^2 / S

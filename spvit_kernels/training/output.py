@@ -1,4 +1,4 @@
-"""The training forward's output (SPEC section 8)."""
+"""The training forward's output (design section 8)."""
 
 from typing import List, NamedTuple
 

@@ -1,4 +1,4 @@
-"""The paper's fine-tuning recipe (SPEC section 8): optimiser parameter groups and the per-epoch lr schedule.
+"""The paper's fine-tuning recipe (design section 8): optimiser parameter groups and the per-epoch lr schedule.
 
 The paper code (main_l2_vit_3keep_senet.py) trains the selectors with a cosine schedule from the linearly scaled
 lr (5e-4 * global batch / 512) to 1e-5, keeps the backbone at lr 0 for 5 warm-up epochs and then at

@@ -1,4 +1,4 @@
-"""Triton kernels of torch.ops.spvit.token_scores: the fused SPViT selector (SPEC section 2).
+"""Triton kernels of torch.ops.spvit.token_scores: the fused SPViT selector (design section 2).
 
 Two launches, no host synchronisation, no atomics. Each image's rows are [num_prefix prefix rows (cls, ...),
 candidates, num_packages package rows]; S is every row but the prefix.
@@ -118,7 +118,18 @@ def _layer_norm_stats(x, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYP
         xc = xf - mean[:, None]
         if D != BLOCK_D:  # padded columns must not enter the variance
             xc = tl.where(dmask[None, :], xc, 0.0)
-        return xc, mean, tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + 1e-5)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + 1e-5)
+        # |x - mean| beyond ~1e18: the squares overflow (rstd would be 0 and LN(x) a finite wrong number). LN is
+        # scale invariant, so such rows take the variance of the row scaled by its largest |x - mean|; rows with
+        # inf / NaN stay NaN. A run-time branch: ordinary tiles skip the second pass.
+        amax = tl.max(tl.abs(xc), axis=1)
+        if tl.max(amax, axis=0) > 1e18:
+            big = amax > 1e18
+            inv = 1.0 / tl.where(big, amax, 1.0)
+            xs = xc * inv[:, None]
+            # (a big row's scaled sum is >= 1 / D; the floor only keeps the other rows' unused lanes finite)
+            rstd = tl.where(big, inv * tl.math.rsqrt(tl.maximum(tl.sum(xs * xs, axis=1) / D, 1e-30)), rstd)
+        return xc, mean, rstd
     else:
         BM: tl.constexpr = x.shape[0]
         zero = tl.zeros([BM, BM], dtype=tl.float32)
@@ -128,6 +139,7 @@ def _layer_norm_stats(x, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYP
         gram = _mma(x, tl.trans(x), zero, DOT_DTYPE, PRECISION, EMULATE)
         sumsq = tl.sum(tl.where(col[:, None] == col[None, :], gram, 0.0), axis=1)
         var = tl.maximum(sumsq / D - mean * mean, 0.0)
+        var = tl.where(sumsq <= 3.4e38, var, float("nan"))  # overflowed squares: NaN, never a finite wrong LN
         return x, mean, tl.math.rsqrt(var + 1e-5)
 
 
