@@ -255,40 +255,46 @@ def run(args):
         if rank == 0 and not args.resume:
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_FIELDS)
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.perf_counter()
-            train_sampler.set_epoch(epoch)
-            sel_lr, bb_lr = lr_at_epoch(epoch, args.epochs, lr, args.min_lr, args.warmup_epochs)
-            set_lr(optimizer, sel_lr, bb_lr)
-            stats = loop.train_one_epoch(train_model, loss_fn, train_loader, optimizer, device=device, epoch=epoch,
-                                         accum=args.accum, scaler=scaler, amp_dtype=amp_dtype, mixup=mixup, ema=ema,
-                                         clip_grad=args.clip_grad, show=rank == 0)
-            val = loop.evaluate(model, val_loader, device, amp_dtype)
-            seconds = time.perf_counter() - t0
-            rng = [checkpointing.rng_state()]
-            if world > 1:
-                import torch.distributed as dist
+        # Bad input is a ValueError raised before this point (main prints it as one line); one raised while
+        # training is a failure of the run, which must show its traceback, not pass for a usage error.
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                t0 = time.perf_counter()
+                train_sampler.set_epoch(epoch)
+                sel_lr, bb_lr = lr_at_epoch(epoch, args.epochs, lr, args.min_lr, args.warmup_epochs)
+                set_lr(optimizer, sel_lr, bb_lr)
+                stats = loop.train_one_epoch(train_model, loss_fn, train_loader, optimizer, device=device, epoch=epoch,
+                                             accum=args.accum, scaler=scaler, amp_dtype=amp_dtype, mixup=mixup, ema=ema,
+                                             clip_grad=args.clip_grad, show=rank == 0)
+                val = loop.evaluate(model, val_loader, device, amp_dtype)
+                seconds = time.perf_counter() - t0
+                rng = [checkpointing.rng_state()]
+                if world > 1:
+                    import torch.distributed as dist
 
-                gathered = [None] * world
-                dist.all_gather_object(gathered, rng[0])
-                rng = gathered
-            if rank == 0:
-                kept = "/".join(f"{r:.4f}" for r in stats["kept"])
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([epoch, sel_lr, bb_lr, *(round(stats[k], 6) for k in loop.LOSS_TERMS),
-                                            kept, round(val["top1"], 4), round(seconds, 2)])
-                print(f"epoch {epoch}: loss {stats['total']:.4f} (clf {stats['clf']:.4f}, ratio {stats['ratio']:.4f},"
-                      f" cls_kl {stats.get('cls_kl', 0):.4f}, token {stats.get('token', 0):.4f}) kept {kept} "
-                      f"val top-1 {val['top1']:.2f}% ({seconds:.1f} s)", flush=True)
-                improved = val["top1"] > best
-                best = max(best, val["top1"])
-                checkpointing.save(out_dir / "checkpoint.pth", model=model, optimizer=optimizer, scaler=scaler,
-                                   ema=ema, epoch=epoch, args=args, best_top1=best, rng=rng)
-                if improved:
-                    torch.save({"model": model.state_dict(), "epoch": epoch, "val_top1": val["top1"]},
-                               out_dir / "best.pth")
-            else:
-                best = max(best, val["top1"])
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, rng[0])
+                    rng = gathered
+                if rank == 0:
+                    kept = "/".join(f"{r:.4f}" for r in stats["kept"])
+                    with open(log_path, "a", newline="") as f:
+                        csv.writer(f).writerow([epoch, sel_lr, bb_lr, *(round(stats[k], 6) for k in loop.LOSS_TERMS),
+                                                kept, round(val["top1"], 4), round(seconds, 2)])
+                    print(f"epoch {epoch}: loss {stats['total']:.4f} (clf {stats['clf']:.4f}, "
+                          f"ratio {stats['ratio']:.4f},"
+                          f" cls_kl {stats.get('cls_kl', 0):.4f}, token {stats.get('token', 0):.4f}) kept {kept} "
+                          f"val top-1 {val['top1']:.2f}% ({seconds:.1f} s)", flush=True)
+                    improved = val["top1"] > best
+                    best = max(best, val["top1"])
+                    checkpointing.save(out_dir / "checkpoint.pth", model=model, optimizer=optimizer, scaler=scaler,
+                                       ema=ema, epoch=epoch, args=args, best_top1=best, rng=rng)
+                    if improved:
+                        torch.save({"model": model.state_dict(), "epoch": epoch, "val_top1": val["top1"]},
+                                   out_dir / "best.pth")
+                else:
+                    best = max(best, val["top1"])
+        except ValueError as e:
+            raise RuntimeError(f"training failed: {type(e).__name__}: {e}") from e
         result = final_report(args, model, val_loader, val_set, device, amp_dtype, accelerate, loop)
         if rank == 0:
             result["provenance"] = _provenance(device)

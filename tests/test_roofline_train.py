@@ -1,0 +1,39 @@
+"""benchmarks/roofline_train.py: the modeled training step's counts (no GPU; the figures are labelled MODELED)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("roofline_train", ROOT / "benchmarks" / "roofline_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model,C,H", [("DeiT-T", 192, 3), ("DeiT-S", 384, 6)])
+def test_counts(model, C, H):
+    rt = _load()
+    gpu = rt.GPUS[0]
+    rows = rt.step_rows(gpu, model, C, H, 256, 0.7, 0.35)
+    by = {(r["form"], r["op"].split(":")[0]): r for r in rows}
+    # the shared parts are identical in both forms
+    for op in ("GEMMs student (forward + backward)", "GEMMs teacher (forward)", "AdamW update"):
+        assert by[("paper", op)]["modeled_ms"] == by[("fused", op)]["modeled_ms"]
+    # student GEMMs: 3 x 24 T C^2 per block, 12 blocks, plus patch embedding and head
+    T = 256 * 197
+    want = 3 * (24 * T * C * C * 12 + 2 * 256 * 196 * 768 * C + 2 * 256 * C * 1000) / 1e9
+    assert by[("paper", "GEMMs student (forward + backward)")]["gflop"] == pytest.approx(want, abs=0.01)
+    # the paper form's score passes: bytes per element x B H N^2 x 12 blocks
+    paper = [r for r in rows if r["form"] == "paper" and "passes over" in r["op"]][0]
+    per_elem = sum(b for _, b in rt.PASSES_FWD) + sum(b for _, b in rt.PASSES_BWD) + rt.EYE_POLICY / H
+    assert paper["gbytes"] == pytest.approx(per_elem * 256 * H * 197 * 197 * 12 / 1e9, rel=1e-3)
+    # attention memory kept for backward: O(N^2) against O(N)
+    fused = [r for r in rows if r["form"] == "fused" and "policy_attention" in r["op"]][0]
+    assert paper["saved_for_backward_gb"] > 20 * fused["saved_for_backward_gb"] > 0
