@@ -70,6 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (0: off)")
     p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (0: off)")
     p.add_argument("--no-randaugment", action="store_true", help="turn RandAugment (m9) off")
+    p.add_argument("--train-crop", choices=("random", "center"), default="random",
+                   help="random: DeiT's random resized crop; center: the evaluate command's resize and centre crop "
+                        "(images whose scale must not change)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of the random resized crop")
+    p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0: off)")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (decay --ema-decay)")
     p.add_argument("--ema-decay", type=float, default=0.99996, help="decay of --model-ema")
     p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast dtype")
@@ -104,6 +110,11 @@ def _check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    lo, hi = args.crop_scale
+    if not 0 < lo <= hi <= 1:
+        p.error(f"--crop-scale must be 0 < MIN <= MAX <= 1, got {lo} {hi}")
+    if not 0 <= args.hflip <= 1:
+        p.error(f"--hflip must be a probability in [0, 1], got {args.hflip}")
     if args.num_classes is not None and args.num_classes < 1:
         p.error(f"--num-classes must be >= 1, got {args.num_classes}")
     if args.patch_size is not None and "pit" in args.model:
@@ -203,8 +214,8 @@ def run(args):
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
         train_set = data.image_folder(args.train_dir, data.train_transform(
-            args.img_size, randaugment=not args.no_randaugment, reprob=args.reprob), "--train-dir" if args.data is None
-            else "--data")
+            args.img_size, randaugment=not args.no_randaugment, reprob=args.reprob, crop_scale=args.crop_scale,
+            hflip=args.hflip, crop=args.train_crop), "--train-dir" if args.data is None else "--data")
         val_set = data.image_folder(args.val_dir, data.eval_transform(args.img_size),
                                     "--val-dir" if args.data is None else "--data")
         classes = len(train_set.classes)

@@ -63,6 +63,6 @@ def test_quick_demo_writes_table_and_picture(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train = json.loads((tmp_path / "run" / "spvit" / "results.json").read_text())
     assert train["prediction_disagreements"] == 0
-    assert not (results / "digits_demo.csv").exists()  # the quick run never overwrites the full run's table
+    assert not (results / "digits_demo-cpu.csv").exists()  # the quick run never overwrites the full run's table
     with open(tmp_path / "run" / "spvit" / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 1

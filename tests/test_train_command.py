@@ -202,3 +202,29 @@ def test_randaugment_posterize_at_the_top_level_gives_the_zero_image():
     assert out.size == img.size and out.mode == img.mode and not np.asarray(out).any()
     op.magnitude = 5  # 2 bits kept: the ordinary path
     assert np.array_equal(np.asarray(op(img)), np.asarray(img) & 0b11000000)
+
+
+def test_train_crop_center_without_augmentation_is_the_validation_transform():
+    from PIL import Image
+
+    from spvit_kernels.training.data import eval_transform, train_transform
+
+    img = Image.fromarray((np.random.default_rng(1).random((41, 37, 3)) * 255).astype(np.uint8))
+    plain = train_transform(32, randaugment=False, reprob=0, hflip=0, crop="center")
+    assert torch.equal(plain(img), eval_transform(32)(img))
+    flipped = train_transform(32, randaugment=False, reprob=0, hflip=1.0, crop="center")
+    assert torch.equal(flipped(img), eval_transform(32)(img).flip(-1))
+    full = train_transform(32, crop="center")  # RandAugment and erasing on: still the size, other values
+    out = full(img)
+    assert out.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="crop must be 'random' or 'center'"):
+        train_transform(32, crop="middle")
+
+
+@pytest.mark.parametrize("flags,message", [(["--crop-scale", "0", "1"], "--crop-scale must be 0 < MIN <= MAX <= 1"),
+                                           (["--crop-scale", "0.9", "0.5"], "--crop-scale must be"),
+                                           (["--hflip", "1.5"], "--hflip must be a probability")])
+def test_bad_augmentation_flags(folder, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        main(_args(folder, tmp_path / "out", *flags))
+    assert message in capsys.readouterr().err

@@ -7,15 +7,40 @@ import torch
 from ..evaluation.data import IMAGENET_MEAN, IMAGENET_STD, paper_transform
 
 
-def train_transform(img_size, randaugment=True, reprob=0.25, color_jitter=0.4):
-    """DeiT's training transform at `img_size` (timm create_transform): random resized crop (bicubic), flip,
-    RandAugment rand-m9-mstd0.5-inc1 (or colour jitter when it is off), ImageNet mean / std, random erasing."""
+def train_transform(img_size, randaugment=True, reprob=0.25, color_jitter=0.4, crop_scale=(0.08, 1.0), hflip=0.5,
+                    crop="random"):
+    """DeiT's training transform at `img_size` (timm create_transform): random resized crop (bicubic) of
+    `crop_scale` of the area, horizontal flip with probability `hflip`, RandAugment rand-m9-mstd0.5-inc1 (or
+    colour jitter when it is off), ImageNet mean / std, random erasing. crop="center": the evaluate command's
+    resize and centre crop instead of the random resized crop (for data whose scale must not change, e.g. small
+    images whose pixels line up with the patches); flip, RandAugment (no colour jitter) and erasing as given."""
     from timm.data import auto_augment, create_transform
 
-    tf = create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
-                          auto_augment="rand-m9-mstd0.5-inc1" if randaugment else None,
-                          interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if crop == "random":
+        tf = create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
+                              scale=tuple(crop_scale), hflip=hflip,
+                              auto_augment="rand-m9-mstd0.5-inc1" if randaugment else None,
+                              interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    elif crop == "center":
+        from PIL import Image
+        from timm.data.random_erasing import RandomErasing
+        from torchvision import transforms
+
+        ops = [transforms.Resize(int(round(img_size / 0.875)), interpolation=transforms.InterpolationMode.BICUBIC),
+               transforms.CenterCrop(img_size)]
+        if hflip > 0:
+            ops.append(transforms.RandomHorizontalFlip(hflip))
+        if randaugment:
+            ops.append(auto_augment.rand_augment_transform("rand-m9-mstd0.5-inc1", dict(
+                translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN),
+                interpolation=Image.BICUBIC)))
+        ops += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if reprob > 0:
+            ops.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+        tf = transforms.Compose(ops)
+    else:
+        raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
     for t in getattr(tf, "transforms", ()):
         for op in getattr(t, "ops", ()) if isinstance(t, auto_augment.RandAugment) else ():
             if op.aug_fn is auto_augment.posterize:
