@@ -132,7 +132,8 @@ def write_summary(out_dir, label, steps, provenance):
              "- " + "; ".join(f"{k} {v}" for k, v in provenance.items() if k != "device"), "",
              "| step | status | seconds (budget) |", "| --- | --- | ---: |"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} ({s['budget_s']}) |" for s in steps]
-    lines += ["", "| figure | measured | design target | met | modeled (not measured) |", "| --- | ---: | --- | --- | --- |"]
+    lines += ["", "| figure | measured | design target | met | modeled (not measured) |",
+              "| --- | ---: | --- | --- | --- |"]
     for name, target in TARGETS.items():
         value = fig[name]
         shown = "not measured" if value is None else f"{value:.2f}" + ("%" if "%" in name else "x")
