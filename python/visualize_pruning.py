@@ -134,7 +134,7 @@ def main(argv=None):
         try:
             state = read_checkpoint(args.checkpoint)
         except (CheckpointError, FileNotFoundError) as e:
-            p.error(f"--checkpoint: {e}")
+            p.error(f"--checkpoint: {str(e).replace(' (path_or_state_dict)', '')}")
     num_classes = args.num_classes or (checkpoint_num_classes(state) if state is not None else None) or 1000
     sizes = {"img_size": args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {})}
     model = create_model(args.model, pruning=args.pruning, num_classes=num_classes, **sizes, **cfg)

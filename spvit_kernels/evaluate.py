@@ -149,7 +149,7 @@ def run(args):
             try:
                 args.checkpoint_state = read_checkpoint(args.checkpoint)
             except (CheckpointError, FileNotFoundError) as e:
-                raise ValueError(f"--checkpoint: {e}") from e
+                raise ValueError(f"--checkpoint: {str(e).replace(' (path_or_state_dict)', '')}") from e
         elif rank == 0:
             print(f"warning: no --checkpoint: {args.model} has random weights, so its accuracy means nothing",
                   file=sys.stderr)
