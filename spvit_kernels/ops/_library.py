@@ -29,7 +29,8 @@ def call(op, args, backend, check):
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call {op} with backend=None")
         return getattr(torch.ops.spvit, op)(*args)
-    if args[0].device.type == "meta":  # shapes only: the op's fake kernel (no backend can read meta data)
+    # meta tensors: shapes only, from the op's fake kernel (no backend can read meta data)
+    if torch.is_tensor(args[0]) and args[0].device.type == "meta":
         return getattr(torch.ops.spvit, op)(*args)
     backend_args = check(*args, allow_sync=True, allow_float64=backend == "reference")
     return _registry.resolve(op, backend, args[0].device).fn(*backend_args)
