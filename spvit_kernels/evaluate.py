@@ -177,7 +177,7 @@ def run(args):
             progress = lambda it: tqdm(it, desc=f"evaluate {args.model}", unit="batch", file=sys.stderr,  # noqa: E731
                                        disable=None)
         tallies, data_s, corrupt = evaluate_models(models, loader, device, dtype, config.num_stages, progress)
-        corrupt_files = [folder.samples[i][0] for i in distributed.gather_lists(corrupt)]
+        corrupt_files = [folder.samples[i][0] for i in distributed.gather_indices(corrupt, len(folder), device)]
         (data_s_max,) = distributed.all_reduce([data_s], "max", device)
         result = {"model": args.model, "checkpoint": args.checkpoint, "pruning": args.pruning, "dtype": args.dtype,
                   "device": str(device.type), "processes": world, "threads": torch.get_num_threads(),

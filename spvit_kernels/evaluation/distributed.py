@@ -38,13 +38,16 @@ def all_reduce(values, op, device):
     return t.tolist()
 
 
-def gather_lists(items):
-    """Concatenate a Python list from every rank (rank order); the list itself in a single process."""
+def gather_indices(indices, n, device):
+    """The sorted union over the ranks of integer indices in range(n) (a single process: its own), by one
+    all_reduce of an (n,) mask: the same collective the counts use (gloo's object gathers aborted at teardown)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return list(items)
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
+        return sorted(indices)
+    mask = torch.zeros(n, dtype=torch.float64, device=device)
+    if indices:
+        mask[torch.tensor(list(indices), dtype=torch.int64, device=device)] = 1
+    dist.all_reduce(mask, op=dist.ReduceOp.SUM)
+    return mask.nonzero().flatten().tolist()
 
 
 def teardown():
