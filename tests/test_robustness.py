@@ -281,3 +281,45 @@ def test_num_keep_out_of_range_is_named(backend, num_keep):
     if backend != "raw":
         with pytest.raises(ValueError, match="num_keep"):
             ops.prune_pack(*batch, 1, "topk", num_keep=2**63, backend=backend)
+
+
+# --- 8. numbers given as 0-dim tensors: the Python functions take them as the raw entry points do ---------------
+
+def test_zero_dim_tensor_numbers_agree_with_raw_ops():
+    """PyTorch's parser gives the raw torch.ops.spvit.* entry points the value of a 0-dim tensor passed for an int or
+    float argument; spvit_kernels.ops.* take it the same way and give the same answer."""
+    H, d = 2, 16
+    x, cu = make_tokens([7, 5, 9], 1, H * d, torch.float32)
+    w = make_weights(H, d)
+    s, p = ops.token_scores(x, cu, torch.tensor(1), torch.tensor(H), *w, num_prefix=torch.tensor(1))
+    want = torch.ops.spvit.token_scores(x, cu, 1, H, *w)
+    assert torch.equal(s, want[0]) and torch.equal(p, want[1])
+    for mode, kwargs, raw in (("topk", {"num_keep": torch.tensor(3)}, (0.0, torch.tensor(3))),
+                              ("threshold", {"threshold": torch.tensor(0.25)}, (torch.tensor(0.25),))):
+        got = ops.prune_pack(x, cu, s, p, torch.tensor(1), mode, **kwargs)
+        want = torch.ops.spvit.prune_pack(x, cu, s, p, 1, mode, *raw)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), mode
+    q = torch.randn(x.shape[0], 2, 32)
+    got = ops.varlen_attention(q, q, q, cu, max_seqlen=torch.tensor(64), softmax_scale=torch.tensor(0.3))
+    assert torch.equal(got, torch.ops.spvit.varlen_attention(q, q, q, cu, 64, 0.3))
+    q4 = torch.randn(1, 5, 2, 32)
+    got = ops.policy_attention(q4, q4, q4, torch.ones(1, 5), torch.tensor(1e-3), torch.tensor(0.2))
+    assert torch.equal(got, ops.policy_attention(q4, q4, q4, torch.ones(1, 5), 1e-3, 0.2))
+
+
+@pytest.mark.parametrize("value, what", [
+    (torch.tensor([3]), "shape"), (torch.tensor(3.0), "dtype"), (torch.tensor(True), "dtype"),
+    (torch.tensor(3.0, requires_grad=True), "requires_grad"), (True, "bool")])
+def test_number_tensors_that_are_not_numbers_are_named(value, what):
+    """A tensor that is not a 0-dim number of the argument's kind (and a bool for an int) is refused, naming the
+    argument. The raw entry points are laxer here: PyTorch's parser takes True as 1 and one-element tensors of any
+    dtype before any of the op's code runs, which the op cannot see."""
+    H, d = 2, 16
+    x, cu = make_tokens([7, 5], 1, H * d, torch.float32)
+    s, p = ops.token_scores(x, cu, 1, H, *make_weights(H, d))
+    with pytest.raises(TypeError, match="num_keep must be an int"):
+        ops.prune_pack(x, cu, s, p, 1, "topk", num_keep=value)
+    if what in ("shape", "requires_grad") or (what == "dtype" and value.dtype == torch.bool):  # float: a fine scale
+        q = torch.randn(x.shape[0], 2, 32)
+        with pytest.raises(TypeError, match="softmax_scale must be a float"):
+            ops.varlen_attention(q, q, q, cu, softmax_scale=value.float() if what == "shape" else value)

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../spvit.h"
@@ -124,30 +125,77 @@ SPVIT_TS_INLINE float row_dot(const float* __restrict a, const float* __restrict
   return lanes_total(part);
 }
 
-// out[r, :] = bias + sum_k a[r, k] * wt[k, :] for r < rows; a (rows, K) row stride lda, wt (K, N), out (rows, N).
-// The inner loops run over the N contiguous outputs (vectorised); k advances 8 at a time with the 8 products
-// added as a fixed tree before they reach out, which cuts the load-add-store chain through out by 8.
-SPVIT_TS_INLINE void gemm_bias(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict wt,
-                               const float* __restrict bias, int64_t K, int64_t N, float* __restrict out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* __restrict o = out + r * N;
-    const float* __restrict ar = a + r * lda;
-    for (int64_t n = 0; n < N; ++n) o[n] = bias[n];
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      const float a0 = ar[k], a1 = ar[k + 1], a2 = ar[k + 2], a3 = ar[k + 3];
-      const float a4 = ar[k + 4], a5 = ar[k + 5], a6 = ar[k + 6], a7 = ar[k + 7];
-      const float* __restrict w = wt + k * N;
-      for (int64_t n = 0; n < N; ++n)
-        o[n] += ((a0 * w[n] + a1 * w[N + n]) + (a2 * w[2 * N + n] + a3 * w[3 * N + n])) +
-                ((a4 * w[4 * N + n] + a5 * w[5 * N + n]) + (a6 * w[6 * N + n] + a7 * w[7 * N + n]));
-    }
-    for (; k < K; ++k) {
-      const float av = ar[k];
-      const float* __restrict w = wt + k * N;
-      for (int64_t n = 0; n < N; ++n) o[n] += av * w[n];
+// Eight floats as one value: GCC / Clang vector extensions, one AVX2 register in the avx2 build and two SSE
+// registers in the baseline build, with the same multiplies and adds in both (no FMA is ever formed: the
+// baseline and avx2 targets have none). Loads and stores go through memcpy: no alignment is assumed.
+typedef float v8f __attribute__((vector_size(32)));
+
+SPVIT_TS_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+SPVIT_TS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// out[r, n0 : n0 + 8 V] for R rows: bias + a[r, 0] wt[0, :] + a[r, 1] wt[1, :] + ... in this order. The R x V
+// accumulators stay in registers across the whole k loop and each loaded row of wt serves R rows of a: per k
+// the loop issues V loads of wt, R broadcasts and R V multiplies and adds, so the floating-point pipes, not
+// the loads and stores of out (what bound the earlier row-at-a-time loop), set its rate.
+template <int R, int V>
+SPVIT_TS_INLINE void gemm_tile(const float* __restrict a, int64_t lda, const float* __restrict wt,
+                               const float* __restrict bias, int64_t K, int64_t N, int64_t n0,
+                               float* __restrict out) {
+  v8f acc[R][V];
+  for (int v = 0; v < V; ++v) {
+    const v8f b = load8(bias + n0 + 8 * v);
+    for (int r = 0; r < R; ++r) acc[r][v] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    v8f w[V];
+    for (int v = 0; v < V; ++v) w[v] = load8(wt + k * N + n0 + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const float av = a[r * lda + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += av * w[v];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store8(out + r * N + n0 + 8 * v, acc[r][v]);
+}
+
+// The same sums for R rows and the columns [n0, N) that a vector does not fill (N % 8 of them).
+template <int R>
+SPVIT_TS_INLINE void gemm_tail(const float* __restrict a, int64_t lda, const float* __restrict wt,
+                               const float* __restrict bias, int64_t K, int64_t N, int64_t n0,
+                               float* __restrict out) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t n = n0; n < N; ++n) {
+      float s = bias[n];
+      for (int64_t k = 0; k < K; ++k) s += a[r * lda + k] * wt[k * N + n];
+      out[r * N + n] = s;
+    }
+}
+
+template <int R>
+SPVIT_TS_INLINE void gemm_rows(const float* __restrict a, int64_t lda, const float* __restrict wt,
+                               const float* __restrict bias, int64_t K, int64_t N, float* __restrict out) {
+  int64_t n0 = 0;
+  for (; n0 + 16 <= N; n0 += 16) gemm_tile<R, 2>(a, lda, wt, bias, K, N, n0, out);
+  if (n0 + 8 <= N) {
+    gemm_tile<R, 1>(a, lda, wt, bias, K, N, n0, out);
+    n0 += 8;
+  }
+  if (n0 < N) gemm_tail<R>(a, lda, wt, bias, K, N, n0, out);
+}
+
+// out[r, :] = bias + sum_k a[r, k] * wt[k, :] for r < rows; a (rows, K) row stride lda, wt (K, N), out (rows, N).
+// Rows go four at a time (then one at a time); every output is summed in the same order (bias, then k = 0, 1,
+// ...) whichever group its row falls in, so a row's result does not depend on the rows beside it.
+SPVIT_TS_INLINE void gemm_bias(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict wt,
+                               const float* __restrict bias, int64_t K, int64_t N, float* __restrict out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) gemm_rows<4>(a + r * lda, lda, wt, bias, K, N, out + r * N);
+  for (; r < rows; ++r) gemm_rows<1>(a + r * lda, lda, wt, bias, K, N, out + r * N);
 }
 
 // LayerNorm (eps 1e-5, affine) of `rows` rows of d values (row stride ld) into xn (rows, d); mean[r] out.
@@ -176,6 +224,14 @@ SPVIT_TS_INLINE void layer_norm(const float* __restrict x, int64_t ld, int64_t r
     for (int64_t k = 0; k < d; ++k) o[k] = o[k] * rstd * g[k] + b[k];
     mean[r] = mu;
   }
+}
+
+// dst[:n] = src[:n]. Not std::memcpy: a call per row of a few dozen floats cost ~8% of the kernel (GCC also
+// turns a plain copy loop into that call).
+SPVIT_TS_INLINE void copy_floats(const float* __restrict src, int64_t n, float* __restrict dst) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) store8(dst + k, load8(src + k));
+  for (; k < n; ++k) dst[k] = src[k];
 }
 
 template <typename scalar_t>
@@ -209,14 +265,19 @@ SPVIT_TS_INLINE void global_pass_impl(const scalar_t* x, int64_t ldx, int64_t s0
   std::vector<float> xf(kRows * d), xn(kRows * d), u(kRows * d), mean(kRows), acc(d2, 0.0f);
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const int64_t rows = std::min(kRows, m - r0);
-    load_rows(x + (s0 + r0) * ldx + h * d, ldx, rows, d, xf.data());
-    layer_norm(xf.data(), d, rows, d, p.ln_w, p.ln_b, xn.data(), mean.data());
+    const scalar_t* xr = x + (s0 + r0) * ldx + h * d;
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      layer_norm(xr, ldx, rows, d, p.ln_w, p.ln_b, xn.data(), mean.data());  // float32 rows are read in place
+    } else {
+      load_rows(xr, ldx, rows, d, xf.data());
+      layer_norm(xf.data(), d, rows, d, p.ln_w, p.ln_b, xn.data(), mean.data());
+    }
     gemm_bias(xn.data(), d, rows, p.win_t, p.b_in, d, d, u.data());
     gelu_inplace(u.data(), rows * d);
     for (int64_t r = 0; r < rows; ++r)  // row order: a fixed summation order
       for (int64_t n = 0; n < d2; ++n) acc[n] += u[r * d + d2 + n];
     for (int64_t r = 0; r < std::min(rows, n_sp - r0); ++r) {
-      std::memcpy(stash_u + ((r0 + r) * H + h) * d2, u.data() + r * d, d2 * sizeof(float));
+      copy_floats(u.data() + r * d, d2, stash_u + ((r0 + r) * H + h) * d2);
       stash_mean[(r0 + r) * H + h] = mean[r];
     }
   }
@@ -365,15 +426,32 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
   const int64_t B = cu_seqlens.size(0) - 1;
   if (T == 0 || B <= 0) return {keep_score, keep_prob};
 
-  // Weights in float32, converted once; matmul weights transposed to (in, out).
-  const at::Tensor win_t = f32(w_in).view({d, d}).t().contiguous(), bin = f32(b_in);
-  const at::Tensor w1f = f32(w1).view({d2, d}), w3f = f32(w3).view({2, d4}), b3f = f32(b3);
+  // Weights in float32 (converted only if they are not), the matmul weights transposed to (in, out) by plain
+  // loops into one buffer: ATen ops here (a transpose, a copy, a subtraction each) cost ~10 us per call, a
+  // few percent of a one-image DeiT-B call.
+  const at::Tensor win = f32(w_in), bin = f32(b_in), w1f = f32(w1), w2f = f32(w2), w3f = f32(w3), b3f = f32(b3);
   const at::Tensor ln_w = f32(ln_weight), ln_b = f32(ln_bias), b1f = f32(b1), b2f = f32(b2);
-  const at::Tensor w1_loc_t = w1f.narrow(1, 0, d2).t().contiguous();
-  const at::Tensor w1_glob = w1f.narrow(1, d2, d2).contiguous();
-  const at::Tensor w2_t = f32(w2).view({d4, d2}).t().contiguous();
-  const at::Tensor w3d = (w3f[0] - w3f[1]).contiguous();
   const at::Tensor sw1 = f32(se_w1), sb1 = f32(se_b1), sw2 = f32(se_w2), sb2 = f32(se_b2);
+  std::vector<float> wbuf(d * d + 2 * d2 * d2 + d2 * d4 + d4);
+  float* const win_t = wbuf.data();               // (d, d): [k][n] = w_in[n][k]
+  float* const w1_loc_t = win_t + d * d;          // (d2, d2): [k][n] = w1[n][k]
+  float* const w1_glob = w1_loc_t + d2 * d2;      // (d2, d2): [n][k] = w1[n][d2 + k]
+  float* const w2_t = w1_glob + d2 * d2;          // (d2, d4): [k][q] = w2[q][k]
+  float* const w3d = w2_t + d2 * d4;              // (d4,): w3[0] - w3[1]
+  {
+    const float *wi = win.data_ptr<float>(), *wa = w1f.data_ptr<float>(), *wb = w2f.data_ptr<float>();
+    const float* wc = w3f.data_ptr<float>();
+    for (int64_t n = 0; n < d; ++n)
+      for (int64_t k = 0; k < d; ++k) win_t[k * d + n] = wi[n * d + k];
+    for (int64_t n = 0; n < d2; ++n)
+      for (int64_t k = 0; k < d2; ++k) {
+        w1_loc_t[k * d2 + n] = wa[n * d + k];
+        w1_glob[n * d2 + k] = wa[n * d + d2 + k];
+      }
+    for (int64_t q = 0; q < d4; ++q)
+      for (int64_t k = 0; k < d2; ++k) w2_t[k * d4 + q] = wb[q * d2 + k];
+    for (int64_t q = 0; q < d4; ++q) w3d[q] = wc[q] - wc[d4 + q];
+  }
   Params p;
   p.H = H;
   p.d = d;
@@ -382,14 +460,14 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
   p.hh = hh;
   p.ln_w = ln_w.data_ptr<float>();
   p.ln_b = ln_b.data_ptr<float>();
-  p.win_t = win_t.data_ptr<float>();
+  p.win_t = win_t;
   p.b_in = bin.data_ptr<float>();
-  p.w1_loc_t = w1_loc_t.data_ptr<float>();
-  p.w1_glob = w1_glob.data_ptr<float>();
+  p.w1_loc_t = w1_loc_t;
+  p.w1_glob = w1_glob;
   p.b1 = b1f.data_ptr<float>();
-  p.w2_t = w2_t.data_ptr<float>();
+  p.w2_t = w2_t;
   p.b2 = b2f.data_ptr<float>();
-  p.w3d = w3d.data_ptr<float>();
+  p.w3d = w3d;
   p.b3d = b3f.data_ptr<float>()[0] - b3f.data_ptr<float>()[1];
   p.se_w1 = sw1.data_ptr<float>();
   p.se_b1 = sb1.data_ptr<float>();

@@ -4,6 +4,8 @@
 runs the op's shared argument check (without any GPU synchronisation) and then the default backend for
 the tensors' device. `call` is what the public Python functions use: eager calls go straight to the
 chosen backend; under torch.compile they go through `torch.ops.spvit.<op>`, so the graph holds the op.
+`schema_numbers` makes the Python functions take numbers the way `torch.ops.spvit.<op>` does (PyTorch's argument
+parser turns a 0-dim tensor given for an int or float argument into its value before any kernel runs).
 """
 
 import torch
@@ -23,8 +25,50 @@ def register_dispatch(op, check):
     torch.library.impl(f"spvit::{op}", ["CPU", "CUDA"], kernel)
 
 
+def _number_kinds(op):
+    """{position: "int" / "float"} of the int / float (optional or not) arguments of op's schema."""
+    kinds = {}
+    for i, a in enumerate(getattr(torch.ops.spvit, op).default._schema.arguments):
+        t = a.type.getElementType() if a.type.kind() == "OptionalType" else a.type
+        if t.kind() in ("IntType", "FloatType"):
+            kinds[i] = "int" if t.kind() == "IntType" else "float"
+    return kinds
+
+
+_KINDS = {}
+
+
+def schema_numbers(op, args):
+    """args with every 0-dim tensor given for an int / float schema argument replaced by its value, as the raw
+    `torch.ops.spvit.<op>` entry point takes it: a float argument takes a real tensor, an int argument an integer
+    one, neither one that requires grad. A bool stays a bool (the checks refuse it for a number: PyTorch's
+    parser converts it to 0 / 1 before the raw entry point's kernel can see it)."""
+    kinds = _KINDS.get(op)
+    if kinds is None:
+        kinds = _KINDS[op] = _number_kinds(op)
+    if not any(torch.is_tensor(args[i]) for i in kinds if i < len(args)):
+        return args
+    names = [a.name for a in getattr(torch.ops.spvit, op).default._schema.arguments]
+    out = list(args)
+    for i, kind in kinds.items():
+        v = out[i] if i < len(out) else None
+        if not torch.is_tensor(v):
+            continue
+        wanted_int = kind == "int"
+        ok_dtype = (not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool) \
+            if wanted_int else (v.dtype != torch.bool and not v.dtype.is_complex)
+        if v.dim() != 0 or v.requires_grad or not ok_dtype or v.device.type == "meta":
+            raise TypeError(f"{names[i]} must be {'an int' if wanted_int else 'a float'} (or a 0-dim "
+                            f"{'integer' if wanted_int else 'real'} tensor without grad), got a tensor of shape "
+                            f"{tuple(v.shape)}, dtype {str(v.dtype).replace('torch.', '')}"
+                            + (", requires_grad" if v.requires_grad else ""))
+        out[i] = int(v.item()) if wanted_int else float(v.item())
+    return tuple(out)
+
+
 def call(op, args, backend, check):
     """Run `op` on schema arguments `args` with the named (or default) backend."""
+    args = schema_numbers(op, args)
     if torch.compiler.is_compiling():
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call {op} with backend=None")

@@ -13,7 +13,7 @@ import torch
 from .._triton_support import triton_device_types
 from ..reference.policy_attention import policy_attention_bwd_reference, policy_attention_fwd_reference
 from .._ext import _C  # noqa: F401  (loads the schemas)
-from . import _registry, _validate
+from . import _library, _registry, _validate
 
 FWD, BWD = "policy_attention", "policy_attention_backward"
 _ANY_DEVICE = lambda: {"cpu", "cuda"}  # noqa: E731
@@ -138,6 +138,8 @@ def policy_attention(q, k, v, policy, eps=1e-6, softmax_scale=None, *, backend=N
     Returns:
         out: (B, N, H, d) contiguous, q's dtype.
     """
+    q, k, v, policy, eps, softmax_scale = _library.schema_numbers("policy_attention",
+                                                                  (q, k, v, policy, eps, softmax_scale))
     if torch.compiler.is_compiling():
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call policy_attention with backend=None")
