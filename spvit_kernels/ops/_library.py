@@ -68,11 +68,11 @@ def schema_numbers(op, args):
 
 def call(op, args, backend, check):
     """Run `op` on schema arguments `args` with the named (or default) backend."""
-    args = schema_numbers(op, args)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the raw entry point takes numbers given as tensors itself
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call {op} with backend=None")
         return getattr(torch.ops.spvit, op)(*args)
+    args = schema_numbers(op, args)
     # meta tensors: shapes only, from the op's fake kernel (no backend can read meta data)
     if torch.is_tensor(args[0]) and args[0].device.type == "meta":
         return getattr(torch.ops.spvit, op)(*args)

@@ -138,11 +138,11 @@ def policy_attention(q, k, v, policy, eps=1e-6, softmax_scale=None, *, backend=N
     Returns:
         out: (B, N, H, d) contiguous, q's dtype.
     """
-    q, k, v, policy, eps, softmax_scale = _library.schema_numbers("policy_attention",
-                                                                  (q, k, v, policy, eps, softmax_scale))
     if torch.compiler.is_compiling():
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call policy_attention with backend=None")
         return torch.ops.spvit.policy_attention(q, k, v, policy, eps, softmax_scale)
+    q, k, v, policy, eps, softmax_scale = _library.schema_numbers("policy_attention",
+                                                                  (q, k, v, policy, eps, softmax_scale))
     _, _, _, _, eps, scale = _check_fwd(q, k, v, policy, eps, softmax_scale, allow_float64=backend == "reference")
     return _Eager.apply(q, k, v, policy, eps, scale, backend)
