@@ -333,6 +333,37 @@ def test_loss_errors_and_teacher_stays_eval():
 
 # --- recipe -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("token_loss", ["mse", "kl"])
+def test_training_step_compiles_fullgraph(token_loss):
+    """A whole training step (student forward with policy attention, teacher, loss; then backward) is one graph
+    under torch.compile(fullgraph=True) and gives eager's loss and gradients. The aot_eager backend traces forward
+    and backward through AOT autograd (the ops' fakes and autograd formulas) without generating C++ code."""
+    torch.manual_seed(0)
+    model = _no_dropout(from_timm(_tiny_vit(), selector_layers=(1, 2, 3))).train()
+    loss_fn = SPViTLoss(copy.deepcopy(model.vit), model.config.keep_ratios, token_loss=token_loss)
+    images, targets = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    # Gumbel noise leaning to keep, so that rows survive the three stages and the token term is not 0.
+    noise = [0.3 * torch.randn(3, 64, 2) + torch.tensor([1.5, 0.0]) for _ in range(3)]
+
+    def step(images, noise, targets):
+        return loss_fn(images, model(images, gumbel_noise=noise), targets)
+
+    def grads(fn):
+        model.zero_grad()
+        loss = fn(images, noise, targets)
+        loss.backward()
+        return loss.detach(), dict(loss_fn.last), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.grad is not None}
+
+    want_loss, want_last, want = grads(step)
+    got_loss, got_last, got = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    assert got_last.keys() == want_last.keys() and got_last["token"] > 0, (got_last, want_last)
+    assert got.keys() == want.keys() and any(n.startswith("selectors.0.") for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_param_groups():
     model = from_timm(_tiny_vit(), selector_layers=(1, 2, 3))
     groups = param_groups(model, weight_decay=0.05)

@@ -103,7 +103,7 @@ class SPViTLoss(nn.Module):
         self.clf_weight, self.ratio_weight, self.distill_weight = float(clf_weight), float(ratio_weight), \
             float(distill_weight)
         self.token_loss = token_loss
-        self.last = {}
+        self._terms = {}
 
     def train(self, mode=True):
         """Keeps the teacher in eval mode whatever mode the loss module is put in."""
@@ -137,24 +137,36 @@ class SPViTLoss(nn.Module):
             terms["cls_kl"] = cls_kl
             terms["token"] = self._token_term(tokens, t_tokens, decision)
             total = total + self.distill_weight * (cls_kl + terms["token"])
-        self.last = {name: float(t.detach()) for name, t in terms.items()}
-        self.last["total"] = float(total.detach())
-        for name in COMPONENTS:
-            if name in self.last and not math.isfinite(self.last[name]):
-                raise FloatingPointError(f"SPViTLoss: the {name} term is {self.last[name]} (not finite)")
-        if not math.isfinite(self.last["total"]):
-            raise FloatingPointError(f"SPViTLoss: the total is {self.last['total']} (not finite)")
+        terms["total"] = total
+        self._terms = {name: t.detach() for name, t in terms.items()}
+        if not torch.compiler.is_compiling():  # eager: fail at once; a compiled step is checked when `last` is read
+            self._check_finite()
         return total
+
+    @property
+    def last(self):
+        """The last call's components as floats: clf, ratio (, cls_kl, token with a teacher), total."""
+        return {name: float(t) for name, t in self._terms.items()}
+
+    def _check_finite(self):
+        last = self.last
+        for name in COMPONENTS:
+            if name in last and not math.isfinite(last[name]):
+                raise FloatingPointError(f"SPViTLoss: the {name} term is {last[name]} (not finite)")
+        if "total" in last and not math.isfinite(last["total"]):
+            raise FloatingPointError(f"SPViTLoss: the total is {last['total']} (not finite)")
 
     def _token_term(self, tokens, t_tokens, decision):
         """The token distillation term over the rows the last stage kept (decision > 0.5); 0 if none is."""
         B, P, C = tokens.shape
-        kept = decision.reshape(B * P) > 0.5
-        student = _f32(tokens.reshape(B * P, C)[kept])
-        teacher = _f32(t_tokens.reshape(B * P, C)[kept])
-        if student.shape[0] == 0:
-            return tokens.new_zeros((), dtype=torch.float32)
+        # Rows weighted by the keep mask, not indexed by it: the same value as the mean over the kept rows, with
+        # shapes that do not depend on the data (a torch.compile fullgraph step); no kept row gives 0.
+        kept = decision.reshape(B * P, 1) > 0.5
+        count = kept.sum()
+        student, teacher = _f32(tokens.reshape(B * P, C)), _f32(t_tokens.reshape(B * P, C))
         if self.token_loss == "mse":
-            return (student - teacher).pow(2).mean()
-        return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
-                        log_target=True)
+            per_row = (student - teacher).pow(2).sum(dim=-1, keepdim=True) / C
+        else:
+            per_row = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="none",
+                               log_target=True).sum(dim=-1, keepdim=True)
+        return torch.where(kept, per_row, 0).sum() / count.clamp(min=1)
