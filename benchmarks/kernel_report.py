@@ -10,6 +10,8 @@ Rows (spvit_kernels/kernel_report.py explains each column):
                     384/6, 768/12) and LV-ViT-S/M (384/6, 512/8) in the three token dtypes.
   policy_attention  the Triton training-attention kernels (forward, key-tile and query-tile backward) in the three
                     dtypes, head dims 32 / 64 / 128, sequences of 16, 75 and 197 tokens.
+  selector_train    the Triton training-selector kernels (forward per-head and combine, backward combine and
+                    per-head) for DeiT-S (C/H 384/6, its first stage's 196 rows) in the three dtypes.
   prune_pack        the CUDA C++ kernels of the built extension (--so, default: the imported one; skipped
                     when it was built without CUDA).
 Extra column sass_per_row_head (token_scores' per-head kernel): SASS instructions in its row loops x threads
@@ -89,6 +91,22 @@ def policy_rows(dtypes):
     return rows
 
 
+# (model, C, H, rows M of S): DeiT-S at its first selector (196 spatial rows). The kernels compile per (C, H,
+# dtype) and M's tile size (16 rows up to M = 16, else 32): one shape stands for every stage.
+SELECTOR_TRAIN_SHAPES = [("DeiT-S", 384, 6, 196)]
+
+
+def selector_train_rows(dtypes):
+    rows = []
+    for arch in ARCHS:
+        for dt in dtypes:
+            for model, C, H, M in SELECTOR_TRAIN_SHAPES:
+                for kernel in kr.SELECTOR_TRAIN_KERNELS:
+                    stats, _ = kr.selector_train_stats(arch, dt, C, H, M, kernel)
+                    rows.append(dict(stats.row(), models=model, dtype=_dtype_name(dt)))
+    return rows
+
+
 def extension_rows(so_path):
     if so_path is None:
         from spvit_kernels._ext import _C, build_info
@@ -108,7 +126,8 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
-    rows = token_scores_rows(dtypes) + varlen_rows(dtypes) + policy_rows(dtypes) + extension_rows(args.so)
+    rows = (token_scores_rows(dtypes) + varlen_rows(dtypes) + policy_rows(dtypes) + selector_train_rows(dtypes)
+            + extension_rows(args.so))
     for r in rows:
         print(f"{r['kernel']:<28} sm_{r['arch']} {r['config'][:70]:<70} regs {r['registers']:>3} "
               f"spill {r['spill_bytes']:>3} smem {r['shared_bytes']:>6} occ {r['occupancy']:.2f} "

@@ -32,6 +32,27 @@ TORCH_LIBRARY(spvit, m) {
   m.def(
       "policy_attention(Tensor q, Tensor k, Tensor v, Tensor policy, float eps=1e-06, float? softmax_scale=None) "
       "-> Tensor");
+  // The selector's training form (weighted global mean, log-softmax and softmax per row). The forward also
+  // returns what its backward reads instead of recomputing: u's local half (B, M, H, d/2), the global half's
+  // weighted mean (B, H, d/2), the LayerNorm mean (= the SE branch's head means) and rstd (B, M, H).
+  m.def(
+      "selector_train_fwd(Tensor S, Tensor weights, int num_heads, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor w3, Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2) "
+      "-> (Tensor score, Tensor prob, Tensor u_loc, Tensor glob, Tensor mean, Tensor rstd)");
+  // -> (dS, dweights, then the gradients of the 14 weights in their order).
+  m.def(
+      "selector_train_bwd(Tensor dscore, Tensor dprob, Tensor S, Tensor weights, int num_heads, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor w3, Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2, "
+      "Tensor score, Tensor prob, Tensor u_loc, Tensor glob, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "selector_train(Tensor S, Tensor weights, int num_heads, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor w3, Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

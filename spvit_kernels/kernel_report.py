@@ -306,6 +306,40 @@ def policy_attention_stats(arch, dtype, head_dim, seqlen, part):
     return triton_stats(f"policy_attention_{part}", config, arch, k, cfg.num_warps), c
 
 
+SELECTOR_TRAIN_KERNELS = ("_fwd_head_kernel", "_fwd_combine_kernel", "_bwd_combine_kernel", "_bwd_head_kernel")
+_SELECTOR_TRAIN_INTS = ("M", "H", "rows_per_chunk", "n_chunks", "n_tiles")
+
+
+@functools.lru_cache(maxsize=None)
+def selector_train_stats(arch, dtype, channels, num_heads, seqlen, kernel):
+    """One of the Triton selector_train kernels (SELECTOR_TRAIN_KERNELS) as a launch for (C, H, S's dtype, M rows)
+    compiles it: S and dS in the tokens' dtype, everything else float32 (the selector's weights included)."""
+    from .triton import selector_train as mod
+
+    meta = mod.launch_meta(channels, num_heads, dtype, seqlen)[kernel]
+    c = meta["constexprs"]
+    fn = _jit_function(getattr(mod, kernel))
+    types = {}
+    for a in fn.arg_names:
+        if a in c:
+            continue
+        if a in ("S", "DS"):
+            types[a] = _TL_PTR[dtype]
+        elif a.startswith("stride_") or a in _SELECTOR_TRAIN_INTS:
+            types[a] = "i32"
+        elif a == "tiny":
+            types[a] = "fp32"
+        else:
+            types[a] = "*fp32"
+    divisible = [a for a in types if types[a].startswith("*")] + [a for a in types if a.startswith("stride_")]
+    k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], 1)
+    config = (f"{str(dtype).replace('torch.', '')} C={channels} H={num_heads} M={seqlen} "
+              + " ".join(f"{key}={v}" for key, v in c.items() if key.startswith("BLOCK"))
+              + f" dots={c['PRECISION']} warps={meta['num_warps']}")
+    name = "selector_train" + kernel.replace("_kernel", "")
+    return triton_stats(name, config, arch, k, meta["num_warps"]), c
+
+
 @functools.lru_cache(maxsize=None)
 def token_scores_kernels(arch, dtype, channels, num_heads):
     """[(kernel name, compiled kernel, launch meta)] of the Triton token_scores kernels (per-head, combine) as a

@@ -2,7 +2,8 @@
 
 A representative subset of benchmarks/kernel_report.py (which writes the full table): varlen_attention in the
 tile buckets DeiT and SPViT's stages use, token_scores' two kernels for DeiT-S (every selector width compiles
-the same per-head kernel: d = 64), and, when the extension was built with CUDA, its prune_pack kernels.
+the same per-head kernel: d = 64), policy_attention's three and selector_train's four training kernels, and,
+when the extension was built with CUDA, its prune_pack kernels.
 Checks: no spills; registers under a ceiling per kernel; shared memory within an A100's 163 KiB per block;
 128-bit global loads in the tiles and gathers; tensor-core MMA for every tl.dot on 16-bit data, exactly as
 many HMMA per loop trip on sm_80 as the dots' shapes need (no dot lowered to FMA, no operand recomputed per
@@ -12,7 +13,7 @@ tokens within 1,550, and its roofline model (benchmarks/roofline.py, fed with th
 the bandwidth floor at DeiT-S's three selector stages on the A100 and the H100 (design section 7).
 
 The compiles run in one subprocess without TRITON_INTERPRET (the interpreter replaces triton.language in this
-one); Triton's disk cache makes reruns fast. ~40 compiles, 30-60 s on one core.
+one); Triton's disk cache makes reruns fast. ~70 compiles, 40-80 s on one core.
 """
 
 import json
@@ -34,6 +35,8 @@ TOKEN_SCORES_CASES = [("bfloat16", 384, 6), ("float16", 768, 12), ("float32", 38
 # policy_attention (training): DeiT's head dim at 197 tokens in bf16 and fp32, the widest head dim in fp16.
 POLICY_CASES = [("bfloat16", 64, 197), ("float16", 128, 197), ("float32", 64, 197)]
 POLICY_PARTS = ("fwd", "bwd_kv", "bwd_q")
+# selector_train (training): DeiT-S's selector (C/H 384/6) at its first stage's 196 rows, bf16 and fp32.
+SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196)]
 ARCHS = (80, 90)
 
 # Register ceilings per kernel (sm_80 / sm_90 alike): below 255 leaves the compiler room before it spills,
@@ -41,7 +44,9 @@ ARCHS = (80, 90)
 REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_scores_combine": 64,
                     "prune_pack": 128,
                     # the backward's key-tile kernel (dk, dv accumulators) takes all 255 on sm_80, without spills
-                    "policy_attention": 255}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
+                    "policy_attention": 255,
+                    # the backward combine (16-bit S: TF32 operands of eight dots per head) takes up to 248
+                    "selector_train": 255}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, DeiT-S bf16, sm_80
 # 2,406 (bf16) / 2,358 (fp16) at 70f1764 (scratch for the first layer's local half, 10-instruction GELU);
@@ -68,6 +73,10 @@ def _collect():
         for dt, d, n in POLICY_CASES:
             for part in POLICY_PARTS:
                 s, c = kr.policy_attention_stats(arch, DTYPES[dt], d, n, part)
+                out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
+        for dt, C, H, M in SELECTOR_TRAIN_CASES:
+            for kernel in kr.SELECTOR_TRAIN_KERNELS:
+                s, c = kr.selector_train_stats(arch, DTYPES[dt], C, H, M, kernel)
                 out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
     if build_info()["with_cuda"]:
         out += [dict(s.row(), dtype="", constexprs={}) for s in kr.extension_stats(_C.__file__)]
@@ -205,4 +214,38 @@ def test_policy_attention_kernels(report):
         need = sum((a // 16) * (b // 8) * (k // 16) for a, b, k in dots) // r["num_warps"]
         assert r["mma"] > 0, _name(r)
         if r["arch"] == 80:
+            assert r["mma"] >= need, f"{_name(r)}: {r['mma']} HMMA < {need}"
+
+
+def _selector_train_dots(r):
+    """(m, n, k) of the tl.dot calls of one selector_train kernel: one trip of its row loop (the per-(image, head)
+    kernels) or of its head loop (the combine kernels)."""
+    c = r["constexprs"]
+    m = c["BLOCK_M"]
+    if "BLOCK_D" in c:
+        d = c["BLOCK_D"]
+        # forward: LN(x) W_in^T; backward: the same again, da^T LN(x) (dW_in), da W_in (dLN)
+        return [(m, d, d)] if r["kernel"].endswith("fwd_head") else [(m, d, d), (d, d, m), (m, d, d)]
+    d2, d4 = c["BLOCK_D2"], c["BLOCK_D4"]
+    fwd = [(m, d2, d2), (m, d4, d2)]  # the score MLP's first two layers
+    if r["kernel"].endswith("fwd_combine"):
+        return fwd
+    # dp2^T h1 (dW2), dp2 W2 (dh1), dp1^T u (dW1), dp1 W1 (du_loc)
+    return fwd + [(d4, d2, m), (m, d2, d4), (d2, d2, m), (m, d2, d2)]
+
+
+def test_selector_train_kernels(report):
+    """The training selector's four kernels: each compiled with its row / head loops, 128-bit loads, tensor-core
+    MMA for every dot with 16-bit tokens (TF32 operands: m16n8k8, two per m16n8k16 step), on sm_80 at least as
+    many per loop trip as the dots need; IEEE float32 dots (float32 tokens) on FMA."""
+    rows = _rows(report, "selector_train")
+    assert len(rows) == len(ARCHS) * len(SELECTOR_TRAIN_CASES) * 4
+    for r in rows:
+        assert r["loops"] >= 1 and r["widest_load_bits"] == 128, _name(r)
+        if r["dtype"] == "float32":
+            assert r["mma"] == 0, _name(r)
+            continue
+        assert r["mma"] > 0, _name(r)
+        if r["arch"] == 80:
+            need = sum((a // 16) * (b // 8) * (k // 8) for a, b, k in _selector_train_dots(r)) // r["num_warps"]
             assert r["mma"] >= need, f"{_name(r)}: {r['mma']} HMMA < {need}"

@@ -112,7 +112,11 @@ class TokenSelector(nn.Module):
         Returns:
             (score, prob), each (B, M, 2) float32 (float64 for float64 S), index 0 = keep: the head-weighted
             log-softmax (what the Gumbel decision reads) and softmax (keep_prob = prob[..., 0]).
+        On CUDA tokens (not float64) with Triton this runs as the fused op `spvit_kernels.ops.selector_train`
+        (Triton forward and backward); elsewhere as the PyTorch code below.
         """
+        if self._use_train_op(S):
+            return ops.selector_train(S, weights.float(), self.num_heads, *self.op_weights())
         w, u = self._head_features(S)
         d = self.head_dim
         m = weights.to(u.dtype)[:, :, None, None]
@@ -120,6 +124,19 @@ class TokenSelector(nn.Module):
         # An image with no participating row (possible only without package rows) gets a zero global half.
         glob = (u[..., d // 2:] * m).sum(dim=1, keepdim=True) / total.clamp(min=torch.finfo(u.dtype).tiny)
         return self._combine(w, u, glob)
+
+    def _use_train_op(self, S):
+        """Whether the fused op (spvit_kernels.ops.selector_train, Triton forward and backward) serves train_scores:
+        CUDA tokens other than float64, Triton present, a head dim its kernels take. Elsewhere the PyTorch form."""
+        if not S.is_cuda or S.dtype == torch.float64:
+            return False
+        from ..ops._validate import SELECTOR_TRAIN_TRITON_HEAD_DIMS
+
+        if self.head_dim not in SELECTOR_TRAIN_TRITON_HEAD_DIMS:
+            return False
+        if any(p.dtype not in (torch.float32, S.dtype) or p.device != S.device for p in self.op_weights()):
+            return False  # the op takes float32 weights or the tokens' dtype, on the tokens' device
+        return "triton" in ops.available_backends("selector_train")
 
     def _head_features(self, S):
         """S (B, M, C) -> (head weights w (B, M, H), u = GELU(proj_in(norm(S_h))) (B, M, H, d)), computed in

@@ -17,6 +17,9 @@ DEFAULT_ORDER = {
     # One backend name serves both halves of policy_attention (forward and backward must match).
     "policy_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "policy_attention_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    # selector_train likewise: one backend name for its forward and backward halves.
+    "selector_train": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "selector_train_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
 }
 
 

@@ -23,6 +23,8 @@ TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 80, 96, 128)
 # policy_attention's Triton kernels pad the head dim to a power of two >= 16 (tl.dot's smallest tile).
 POLICY_HEAD_DIMS = tuple(range(16, 129))
+# selector_train's Triton kernels pad the head dim (a multiple of 4) to a power of two >= 16, up to 128.
+SELECTOR_TRAIN_TRITON_HEAD_DIMS = tuple(range(4, 129, 4))
 PRUNE_MODES = ("threshold", "topk")
 PACKAGE_MODES = ("none", "sum", "mean")
 PACKAGE_MERGES = ("concat", "add")
@@ -303,3 +305,48 @@ def policy_attention(q, k, v, policy, eps, softmax_scale, *, allow_float64=False
             or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
     return float(eps), float(softmax_scale)
+
+
+# --- selector_train -------------------------------------------------------------------------------
+
+def selector_train(S, weights, num_heads, params, *, allow_float64=False):
+    """Check selector_train's arguments: S (B, M, C), weights (B, M), `params` the 14 selector weights in the
+    order of TOKEN_SCORES_WEIGHTS. Returns the head dim d."""
+    dtypes = TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_tensor(S, "S", ndim=3, dtypes=dtypes)
+    check_int(num_heads, "num_heads", minimum=2)
+    B, M, C = S.shape
+    if C % num_heads != 0:
+        raise ValueError(f"num_heads = {num_heads} must divide the channels C = {C} of S")
+    d = C // num_heads
+    if d % 4 != 0:
+        raise ValueError(f"num_heads: the head dim C / num_heads = {d} must be a multiple of 4")
+    wdt = (torch.float64,) if S.dtype == torch.float64 else (torch.float32,)
+    check_tensor(weights, "weights", ndim=2, dtypes=wdt, device=S.device)
+    if tuple(weights.shape) != (B, M):
+        raise ValueError(f"weights must have shape (B, M) = {(B, M)} like S, got {tuple(weights.shape)}")
+    if len(params) != len(TOKEN_SCORES_WEIGHTS):
+        raise TypeError(f"selector_train takes the {len(TOKEN_SCORES_WEIGHTS)} selector weights "
+                        f"{', '.join(TOKEN_SCORES_WEIGHTS)}; got {len(params)}")
+    shapes = token_scores_weight_shapes(num_heads, d)
+    for name, w in zip(TOKEN_SCORES_WEIGHTS, params):
+        check_tensor(w, name, dtypes=tuple(dict.fromkeys((torch.float32, S.dtype))), device=S.device)
+        if tuple(w.shape) != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]} for C = {C}, num_heads = {num_heads}; "
+                             f"got {tuple(w.shape)}")
+    return d
+
+
+def selector_train_saved(S, num_heads, tensors):
+    """Check the backward's extra tensors: {name: tensor} of dscore, dprob, score, prob (B, M, 2), u_loc
+    (B, M, H, d/2), glob (B, H, d/2), mean, rstd (B, M, H), all in the compute dtype."""
+    B, M, C = S.shape
+    H = num_heads
+    d2 = C // H // 2
+    cdt = torch.float64 if S.dtype == torch.float64 else torch.float32
+    shapes = dict(dscore=(B, M, 2), dprob=(B, M, 2), score=(B, M, 2), prob=(B, M, 2), u_loc=(B, M, H, d2),
+                  glob=(B, H, d2), mean=(B, M, H), rstd=(B, M, H))
+    for name, t in tensors.items():
+        check_tensor(t, name, dtypes=(cdt,), device=S.device)
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]}, got {tuple(t.shape)}")
