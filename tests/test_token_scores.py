@@ -204,6 +204,42 @@ def test_cpu_bitwise_same_for_any_threads_and_split():
         assert torch.equal(a, b[:198])
 
 
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from tests.test_token_scores import make_tokens, make_weights
+from spvit_kernels import ops
+x, cu = make_tokens([196, 30, 1, 77], 1, 768, torch.float32)
+w = make_weights(12, 64)
+torch.save(ops.token_scores(x, cu, 1, 12, *w, backend="cpu"), sys.argv[1])
+"""
+
+
+def test_cpu_every_instruction_set(tmp_path):
+    """The C++ kernel's three builds (x86-64 baseline, AVX2, AVX-512 with FMA), forced with SPVIT_TS_ISA in fresh
+    processes (the choice is made once per process): each agrees with the float64 oracle, and the baseline and
+    AVX2 builds, which run the same operations in the same order, agree bitwise. On a CPU without AVX2 /
+    AVX-512 the cap leaves the widest one it has, which the same checks cover."""
+    _need("cpu")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {}
+    for isa in ("base", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, SPVIT_TS_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path), root], env=env, check=True, timeout=300)
+        outs[isa] = torch.load(path)
+    x, cu = make_tokens([196, 30, 1, 77], 1, 768, torch.float32)
+    w = make_weights(12, 64)
+    for isa, out in outs.items():
+        check_against_oracle(out, x, cu, 1, 12, w, CPU_TOL[torch.float32])
+    for a, b in zip(outs["base"], outs["avx2"]):
+        assert torch.equal(a, b)
+
+
 def test_cpu_is_the_default_on_cpu():
     _need("cpu")
     assert _registry.resolve("token_scores", None, "cpu").name == "cpu"

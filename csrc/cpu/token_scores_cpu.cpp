@@ -13,9 +13,12 @@
 // loops run over contiguous outputs and vectorise without reassociating any sum; reductions over a row are
 // written as 8 explicit partial sums. No loop relies on -ffast-math, so the order of every floating-point
 // operation is fixed by the source and every output value is computed by the same serial code: results are
-// bitwise the same for any thread count or work split (tested). The hot loops are compiled twice, for the
-// x86-64 baseline the extension is built for and with target("avx2") (picked at run time where the CPU has
-// it; no FMA, so it performs the same operations in the same order, only wider).
+// bitwise the same for any thread count or work split (tested). The hot loops (token_scores_cpu_kernels.inc)
+// are compiled three times and picked at run time by what the CPU has (SPVIT_TS_ISA caps it): for the x86-64
+// baseline the extension is built for, with target("avx2") (no FMA: the same operations in the same order as
+// the baseline, only wider), and with target("avx512f,fma"), whose GEMM tiles are sixteen wide with fused
+// multiply-adds (one rounding per product instead of two: results differ from the other two builds in the
+// last bits, and ~1.3-1.5x faster).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,14 +26,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../spvit.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
 #define SPVIT_TS_AVX2 1
 #define SPVIT_TS_INLINE inline __attribute__((always_inline))
 #else
@@ -44,203 +50,6 @@ namespace {
 constexpr int64_t kRows = 16;  // rows per block: the weight tiles stay in L1 across a block
 constexpr int kLanes = 8;      // partial sums of a row reduction (one AVX2 register, two SSE registers)
 
-// ---- elementwise math the compiler can vectorise (no libm call, no float select) ------------------------
-
-// exp(x) for x <= 0: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 Taylor polynomial (relative error
-// ~2e-7). GCC does not if-convert float selects under the default -ftrapping-math, so n is rounded with the
-// 1.5 * 2^23 trick and clamped as an integer (below 2^-126 the result only needs to be tiny, not exact).
-SPVIT_TS_INLINE float exp_nonpositive(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite: ln2 = 0.693359375 - 2.12e-4
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ni = static_cast<int32_t>(n);
-  ni = ni < -126 ? -126 : ni;
-  const int32_t bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// Exact-form GELU 0.5 x (1 + erf(x / sqrt 2)), erf(a) = 1 - 1 / (1 + a1 a + ... + a6 a^6)^16 for a >= 0
-// (Abramowitz & Stegun 7.1.28, |erf error| <= 3e-7; |GELU error| < 1e-6 on [-12, 12] against a float64 erf).
-// No exp and one division: about twice as fast as an exp-based erf, and the polynomial only grows with a,
-// so large inputs give q = inf, 1 / q = 0 and erf = 1 (no NaN).
-SPVIT_TS_INLINE float gelu(float x) {
-  const float z = x * 0.70710678118654752f;
-  const float a = std::fabs(z);
-  float q = 0.0000430638f;
-  q = q * a + 0.0002765672f;
-  q = q * a + 0.0001520143f;
-  q = q * a + 0.0092705272f;
-  q = q * a + 0.0422820123f;
-  q = q * a + 0.0705230784f;
-  q = q * a + 1.0f;
-  q = q * q;
-  q = q * q;
-  q = q * q;
-  q = q * q;  // q^16
-  const float e = 1.0f - 1.0f / q;  // erf(|z|)
-  return 0.5f * x * (1.0f + std::copysign(e, z));
-}
-
-// 1 / (1 + exp(-x)) without a select: with e = exp(-|x|) <= 1, sigmoid(|x|) = 1 / (1 + e) and
-// sigmoid(x) = 0.5 + sign(x) (sigmoid(|x|) - 0.5). Absolute error ~1e-7.
-SPVIT_TS_INLINE float sigmoid(float x) {
-  const float s = 1.0f / (1.0f + exp_nonpositive(-std::fabs(x)));
-  return 0.5f + std::copysign(s - 0.5f, x);
-}
-
-SPVIT_TS_INLINE void gelu_inplace(float* __restrict v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = gelu(v[i]);
-}
-
-// sum_k a[k] and sum_k a[k] * b[k] as kLanes interleaved partial sums, added up in a fixed order.
-SPVIT_TS_INLINE float lanes_total(const float* part) {
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += part[j];
-  return s;
-}
-
-SPVIT_TS_INLINE float row_sum(const float* __restrict a, int64_t n) {
-  float part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
-  for (; k < n; ++k) part[0] += a[k];
-  return lanes_total(part);
-}
-
-SPVIT_TS_INLINE float row_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j] * b[k + j];
-  for (; k < n; ++k) part[0] += a[k] * b[k];
-  return lanes_total(part);
-}
-
-// Eight floats as one value: GCC / Clang vector extensions, one AVX2 register in the avx2 build and two SSE
-// registers in the baseline build, with the same multiplies and adds in both (no FMA is ever formed: the
-// baseline and avx2 targets have none). Loads and stores go through memcpy: no alignment is assumed.
-typedef float v8f __attribute__((vector_size(32)));
-
-SPVIT_TS_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-SPVIT_TS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-
-// out[r, n0 : n0 + 8 V] for R rows: bias + a[r, 0] wt[0, :] + a[r, 1] wt[1, :] + ... in this order. The R x V
-// accumulators stay in registers across the whole k loop and each loaded row of wt serves R rows of a: per k
-// the loop issues V loads of wt, R broadcasts and R V multiplies and adds, so the floating-point pipes, not
-// the loads and stores of out (what bound the earlier row-at-a-time loop), set its rate.
-template <int R, int V>
-SPVIT_TS_INLINE void gemm_tile(const float* __restrict a, int64_t lda, const float* __restrict wt,
-                               const float* __restrict bias, int64_t K, int64_t N, int64_t n0,
-                               float* __restrict out) {
-  v8f acc[R][V];
-  for (int v = 0; v < V; ++v) {
-    const v8f b = load8(bias + n0 + 8 * v);
-    for (int r = 0; r < R; ++r) acc[r][v] = b;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    v8f w[V];
-    for (int v = 0; v < V; ++v) w[v] = load8(wt + k * N + n0 + 8 * v);
-    for (int r = 0; r < R; ++r) {
-      const float av = a[r * lda + k];
-      for (int v = 0; v < V; ++v) acc[r][v] += av * w[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store8(out + r * N + n0 + 8 * v, acc[r][v]);
-}
-
-// The same sums for R rows and the columns [n0, N) that a vector does not fill (N % 8 of them).
-template <int R>
-SPVIT_TS_INLINE void gemm_tail(const float* __restrict a, int64_t lda, const float* __restrict wt,
-                               const float* __restrict bias, int64_t K, int64_t N, int64_t n0,
-                               float* __restrict out) {
-  for (int r = 0; r < R; ++r)
-    for (int64_t n = n0; n < N; ++n) {
-      float s = bias[n];
-      for (int64_t k = 0; k < K; ++k) s += a[r * lda + k] * wt[k * N + n];
-      out[r * N + n] = s;
-    }
-}
-
-template <int R>
-SPVIT_TS_INLINE void gemm_rows(const float* __restrict a, int64_t lda, const float* __restrict wt,
-                               const float* __restrict bias, int64_t K, int64_t N, float* __restrict out) {
-  int64_t n0 = 0;
-  for (; n0 + 16 <= N; n0 += 16) gemm_tile<R, 2>(a, lda, wt, bias, K, N, n0, out);
-  if (n0 + 8 <= N) {
-    gemm_tile<R, 1>(a, lda, wt, bias, K, N, n0, out);
-    n0 += 8;
-  }
-  if (n0 < N) gemm_tail<R>(a, lda, wt, bias, K, N, n0, out);
-}
-
-// out[r, :] = bias + sum_k a[r, k] * wt[k, :] for r < rows; a (rows, K) row stride lda, wt (K, N), out (rows, N).
-// Rows go four at a time (then one at a time); every output is summed in the same order (bias, then k = 0, 1,
-// ...) whichever group its row falls in, so a row's result does not depend on the rows beside it.
-SPVIT_TS_INLINE void gemm_bias(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict wt,
-                               const float* __restrict bias, int64_t K, int64_t N, float* __restrict out) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) gemm_rows<4>(a + r * lda, lda, wt, bias, K, N, out + r * N);
-  for (; r < rows; ++r) gemm_rows<1>(a + r * lda, lda, wt, bias, K, N, out + r * N);
-}
-
-// LayerNorm (eps 1e-5, affine) of `rows` rows of d values (row stride ld) into xn (rows, d); mean[r] out.
-SPVIT_TS_INLINE void layer_norm(const float* __restrict x, int64_t ld, int64_t rows, int64_t d,
-                                const float* __restrict g, const float* __restrict b, float* __restrict xn,
-                                float* __restrict mean) {
-  const float inv_d = 1.0f / static_cast<float>(d);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* __restrict xr = x + r * ld;
-    float* __restrict o = xn + r * d;
-    const float mu = row_sum(xr, d) * inv_d;
-    for (int64_t k = 0; k < d; ++k) o[k] = xr[k] - mu;
-    float rstd = 1.0f / std::sqrt(row_dot(o, o, d) * inv_d + 1e-5f);
-    if (rstd == 0.0f) {
-      // The squares overflowed (|x - mean| beyond ~1e19): LayerNorm is scale invariant, so take the variance of
-      // the row scaled by its largest |x - mean| (eps is then far below the variance). NaN / inf rows stay NaN.
-      float amax = 0.0f;
-      for (int64_t k = 0; k < d; ++k) amax = std::max(amax, std::fabs(o[k]));
-      if (std::isfinite(amax)) {
-        const float inv = 1.0f / amax;
-        float ss = 0.0f;
-        for (int64_t k = 0; k < d; ++k) ss += (o[k] * inv) * (o[k] * inv);
-        rstd = inv / std::sqrt(ss * inv_d);
-      }
-    }
-    for (int64_t k = 0; k < d; ++k) o[k] = o[k] * rstd * g[k] + b[k];
-    mean[r] = mu;
-  }
-}
-
-// dst[:n] = src[:n]. Not std::memcpy: a call per row of a few dozen floats cost ~8% of the kernel (GCC also
-// turns a plain copy loop into that call).
-SPVIT_TS_INLINE void copy_floats(const float* __restrict src, int64_t n, float* __restrict dst) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) store8(dst + k, load8(src + k));
-  for (; k < n; ++k) dst[k] = src[k];
-}
-
-template <typename scalar_t>
-SPVIT_TS_INLINE void load_rows(const scalar_t* __restrict src, int64_t ld_src, int64_t rows, int64_t n,
-                               float* __restrict dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < n; ++k) dst[r * n + k] = static_cast<float>(src[r * ld_src + k]);
-}
-
 // The selector's weights in float32 (raw pointers into tensors owned by token_scores_cpu).
 struct Params {
   int64_t H, d, d2, d4, hh;
@@ -253,122 +62,73 @@ struct Params {
   const float *se_w1, *se_b1, *se_w2, *se_b2;  // (hh, H), (hh,), (H, hh), (H,) as nn.Linear
 };
 
-// Pass 1 for head h of one image whose rows of S (all but the prefix rows) are [s0, s0 + m), the first n_sp spatial:
-//   u = GELU(W_in LN(x) + b_in) for every row; bias1 (d2,) = W1[:, d2:] g + b1 with g the mean of u[d2:];
-//   the spatial rows' local half u[:d2] and LayerNorm mean are stashed for pass 2 as
-//   stash_u[(i * H + h) * d2 + n] and stash_mean[i * H + h] (i = spatial row index).
-template <typename scalar_t>
-SPVIT_TS_INLINE void global_pass_impl(const scalar_t* x, int64_t ldx, int64_t s0, int64_t m, int64_t n_sp,
-                                      int64_t h, const Params& p, float* __restrict bias1,
-                                      float* __restrict stash_u, float* __restrict stash_mean) {
-  const int64_t H = p.H, d = p.d, d2 = p.d2;
-  std::vector<float> xf(kRows * d), xn(kRows * d), u(kRows * d), mean(kRows), acc(d2, 0.0f);
-  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-    const int64_t rows = std::min(kRows, m - r0);
-    const scalar_t* xr = x + (s0 + r0) * ldx + h * d;
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      layer_norm(xr, ldx, rows, d, p.ln_w, p.ln_b, xn.data(), mean.data());  // float32 rows are read in place
-    } else {
-      load_rows(xr, ldx, rows, d, xf.data());
-      layer_norm(xf.data(), d, rows, d, p.ln_w, p.ln_b, xn.data(), mean.data());
-    }
-    gemm_bias(xn.data(), d, rows, p.win_t, p.b_in, d, d, u.data());
-    gelu_inplace(u.data(), rows * d);
-    for (int64_t r = 0; r < rows; ++r)  // row order: a fixed summation order
-      for (int64_t n = 0; n < d2; ++n) acc[n] += u[r * d + d2 + n];
-    for (int64_t r = 0; r < std::min(rows, n_sp - r0); ++r) {
-      copy_floats(u.data() + r * d, d2, stash_u + ((r0 + r) * H + h) * d2);
-      stash_mean[(r0 + r) * H + h] = mean[r];
-    }
-  }
-  const float inv_m = 1.0f / static_cast<float>(std::max<int64_t>(m, 1));
-  for (int64_t n = 0; n < d2; ++n) acc[n] *= inv_m;
-  for (int64_t n = 0; n < d2; ++n) bias1[n] = p.b1[n] + row_dot(p.w1_glob + n * d2, acc.data(), d2);
-}
+namespace isa_base {
+#define SPVIT_TS_WIDE 0
+#include "token_scores_cpu_kernels.inc"
+#undef SPVIT_TS_WIDE
+}  // namespace isa_base
 
-// Pass 2 for spatial rows [i_begin, i_end) of one image (indices into its stash; outputs keep_score[i] and
-// keep_prob[i], pointers already offset to the image's first spatial row); bias1 (H, d2) from pass 1.
-SPVIT_TS_INLINE void score_pass_impl(int64_t i_begin, int64_t i_end, const float* stash_u, const float* stash_mean,
-                                     const float* bias1, const Params& p, float* keep_score, float* keep_prob) {
-  const int64_t H = p.H, d2 = p.d2, d4 = p.d4, hh = p.hh;
-  std::vector<float> h1(kRows * d2), h2(kRows * d4);
-  // Per-head values of the block as (H, kRows) and the SE hidden units as (hh, kRows): the combination
-  // below runs over rows in the inner loops, which vectorise.
-  std::vector<float> diff(H * kRows), hbar(H * kRows), a(hh * kRows), w_sum(kRows), score(kRows), prob(kRows);
-  for (int64_t r0 = i_begin; r0 < i_end; r0 += kRows) {
-    const int64_t rows = std::min(kRows, i_end - r0);
-    for (int64_t h = 0; h < H; ++h) {
-      gemm_bias(stash_u + (r0 * H + h) * d2, H * d2, rows, p.w1_loc_t, bias1 + h * d2, d2, d2, h1.data());
-      gelu_inplace(h1.data(), rows * d2);
-      gemm_bias(h1.data(), d2, rows, p.w2_t, p.b2, d2, d4, h2.data());
-      gelu_inplace(h2.data(), rows * d4);
-      for (int64_t r = 0; r < rows; ++r) {
-        diff[h * kRows + r] = p.b3d + row_dot(h2.data() + r * d4, p.w3d, d4);
-        hbar[h * kRows + r] = stash_mean[(r0 + r) * H + h];
-      }
-    }
-    // SE head weights w = sigmoid(se_w2 GELU(se_w1 h_bar + se_b1) + se_b2), then the weighted combination.
-    for (int64_t j = 0; j < hh; ++j) {
-      float* __restrict aj = a.data() + j * kRows;
-      for (int64_t r = 0; r < kRows; ++r) aj[r] = p.se_b1[j];
-      for (int64_t k = 0; k < H; ++k) {
-        const float wk = p.se_w1[j * H + k];
-        const float* __restrict hk = hbar.data() + k * kRows;
-        for (int64_t r = 0; r < kRows; ++r) aj[r] += wk * hk[r];
-      }
-      gelu_inplace(aj, kRows);
-    }
-    std::fill(w_sum.begin(), w_sum.end(), 0.0f);
-    std::fill(score.begin(), score.end(), 0.0f);
-    std::fill(prob.begin(), prob.end(), 0.0f);
-    for (int64_t k = 0; k < H; ++k) {
-      float z[kRows];
-      for (int64_t r = 0; r < kRows; ++r) z[r] = p.se_b2[k];
-      for (int64_t j = 0; j < hh; ++j) {
-        const float wkj = p.se_w2[k * hh + j];
-        const float* __restrict aj = a.data() + j * kRows;
-        for (int64_t r = 0; r < kRows; ++r) z[r] += wkj * aj[r];
-      }
-      const float* __restrict dk = diff.data() + k * kRows;
-      for (int64_t r = 0; r < kRows; ++r) {
-        const float wk = sigmoid(z[r]);
-        w_sum[r] += wk;
-        score[r] += wk * dk[r];
-        prob[r] += wk * sigmoid(dk[r]);
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      keep_score[r0 + r] = score[r] / w_sum[r];
-      keep_prob[r0 + r] = prob[r] / w_sum[r];
-    }
-  }
-}
+#if SPVIT_TS_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+namespace isa_avx512 {
+#define SPVIT_TS_WIDE 1
+#include "token_scores_cpu_kernels.inc"
+#undef SPVIT_TS_WIDE
 
-// Each pass exists twice: compiled for the baseline and for AVX2 (same source, same operation order).
+// The passes for CPUs with AVX-512F and FMA: the GEMMs fused multiply-add, everything else as isa_base.
 template <typename scalar_t>
-void global_pass_base(const scalar_t* x, int64_t ldx, int64_t s0, int64_t m, int64_t n_sp, int64_t h,
-                      const Params& p, float* bias1, float* stash_u, float* stash_mean) {
-  global_pass_impl(x, ldx, s0, m, n_sp, h, p, bias1, stash_u, stash_mean);
+void global_pass(const scalar_t* x, int64_t ldx, int64_t s0, int64_t m, int64_t n_sp, int64_t h0, int64_t h1,
+                 const Params& p, float* bias1, float* stash_u, float* stash_mean) {
+  isa_avx512::global_pass_impl(x, ldx, s0, m, n_sp, h0, h1, p, bias1, stash_u, stash_mean);
+}
+void score_pass(int64_t i_begin, int64_t i_end, const float* stash_u, const float* stash_mean, const float* bias1,
+                const Params& p, float* keep_score, float* keep_prob) {
+  isa_avx512::score_pass_impl(i_begin, i_end, stash_u, stash_mean, bias1, p, keep_score, keep_prob);
+}
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
+// The baseline and AVX2 builds of isa_base (same source, same operation order).
+template <typename scalar_t>
+void global_pass_base(const scalar_t* x, int64_t ldx, int64_t s0, int64_t m, int64_t n_sp, int64_t h0,
+                      int64_t h1, const Params& p, float* bias1, float* stash_u, float* stash_mean) {
+  isa_base::global_pass_impl(x, ldx, s0, m, n_sp, h0, h1, p, bias1, stash_u, stash_mean);
 }
 void score_pass_base(int64_t i_begin, int64_t i_end, const float* stash_u, const float* stash_mean,
                      const float* bias1, const Params& p, float* keep_score, float* keep_prob) {
-  score_pass_impl(i_begin, i_end, stash_u, stash_mean, bias1, p, keep_score, keep_prob);
+  isa_base::score_pass_impl(i_begin, i_end, stash_u, stash_mean, bias1, p, keep_score, keep_prob);
 }
 #if SPVIT_TS_AVX2
 template <typename scalar_t>
 __attribute__((target("avx2"))) void global_pass_avx2(const scalar_t* x, int64_t ldx, int64_t s0, int64_t m,
-                                                       int64_t n_sp, int64_t h, const Params& p, float* bias1,
-                                                       float* stash_u, float* stash_mean) {
-  global_pass_impl(x, ldx, s0, m, n_sp, h, p, bias1, stash_u, stash_mean);
+                                                       int64_t n_sp, int64_t h0, int64_t h1, const Params& p,
+                                                       float* bias1, float* stash_u, float* stash_mean) {
+  isa_base::global_pass_impl(x, ldx, s0, m, n_sp, h0, h1, p, bias1, stash_u, stash_mean);
 }
 __attribute__((target("avx2"))) void score_pass_avx2(int64_t i_begin, int64_t i_end, const float* stash_u,
                                                       const float* stash_mean, const float* bias1,
                                                       const Params& p, float* keep_score, float* keep_prob) {
-  score_pass_impl(i_begin, i_end, stash_u, stash_mean, bias1, p, keep_score, keep_prob);
+  isa_base::score_pass_impl(i_begin, i_end, stash_u, stash_mean, bias1, p, keep_score, keep_prob);
 }
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
+}
+// SPVIT_TS_ISA=base / avx2 / avx512 caps the instruction set (to compare them, or to get the baseline's results
+// on a newer CPU); unset: the widest the CPU has.
+int cpu_isa() {
+  static const int isa = [] {
+    int best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") ? 2 : cpu_has_avx2() ? 1 : 0;
+    const char* cap = std::getenv("SPVIT_TS_ISA");
+    if (cap != nullptr) {
+      const std::string c(cap);
+      best = std::min(best, c == "base" ? 0 : c == "avx2" ? 1 : 2);
+    }
+    return best;
+  }();
+  return isa;
 }
 #endif
 
@@ -496,7 +256,10 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
     auto global_pass = &global_pass_base<scalar_t>;
     auto score_pass = &score_pass_base;
 #if SPVIT_TS_AVX2
-    if (cpu_has_avx2()) {
+    if (cpu_isa() == 2) {
+      global_pass = &isa_avx512::global_pass<scalar_t>;
+      score_pass = &isa_avx512::score_pass;
+    } else if (cpu_isa() == 1) {
       global_pass = &global_pass_avx2<scalar_t>;
       score_pass = &score_pass_avx2;
     }
@@ -511,8 +274,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
           stash_u.resize(seg_sp[b] * row_floats);
           stash_mean.resize(seg_sp[b] * H);
           float* bias_b = bias1.data() + b * H * d2;
-          for (int64_t h = 0; h < H; ++h)
-            global_pass(xp, ldx, s0, seg_m[b], seg_sp[b], h, p, bias_b + h * d2, stash_u.data(), stash_mean.data());
+          global_pass(xp, ldx, s0, seg_m[b], seg_sp[b], 0, H, p, bias_b, stash_u.data(), stash_mean.data());
           score_pass(0, seg_sp[b], stash_u.data(), stash_mean.data(), bias_b, p, score_p + s0, prob_p + s0);
         }
       });
@@ -525,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> token_scores_cpu(
       at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = i / H, h = i % H;
-          global_pass(xp, ldx, seg_first[b], seg_m[b], seg_sp[b], h, p, bias1.data() + i * d2,
+          global_pass(xp, ldx, seg_first[b], seg_m[b], seg_sp[b], h, h + 1, p, bias1.data() + b * H * d2,
                       stash_u.data() + stash_row[b] * row_floats, stash_mean.data() + stash_row[b] * H);
         }
       });
