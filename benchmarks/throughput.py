@@ -14,7 +14,8 @@ turns within each round), peak memory (GPU), tokens per image after each stage, 
 provider's GFLOPs per image (benchmarks/flops.py) with the FLOP ceiling dense GFLOPs / provider GFLOPs:
 the speedup over dense that the matmul work alone would allow. Before
 timing, the accelerated model is checked against the reference: in float32 the logits must agree within
-1e-4 of their scale (else nothing is timed); in bf16 / fp16 a token whose score sits within rounding of
+1e-4 of their scale (else nothing is timed; the selectors' weights are re-drawn with a trained-like spread so
+that scores are not all within rounding of each other, see `spread_selectors`); in bf16 / fp16 a token whose score sits within rounding of
 the decision boundary may flip, so top-1 agreement and the logit error are recorded, and only a gross
 disagreement (> 25% of the logits' scale) stops the run.
 
@@ -119,8 +120,27 @@ def check_agreement(logits_ref, logits_acc, dtype):
     return top1, err, limit
 
 
+def spread_selectors(model, seed=0):
+    """Re-draw the selectors' weights with the spread of trained ones (Linear weights ~ 1.5 / sqrt(fan_in)).
+
+    Fresh selectors (the official init, std 0.02) give keep scores within ~1e-5 of each other, where float32
+    rounding alone decides the top-k order: the reference model's PyTorch float32 selector is ~1e-7 off the
+    float64 value there, the C++ / Triton kernels ~1e-11, so the two models would keep different tokens at a
+    near tie and the agreement check below would measure rounding, not the kernels. Timing does not depend on
+    the values (top-k keeps a fixed count; threshold mode is calibrated)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.selectors.parameters():
+            scale = 1.5 / p.shape[1] ** 0.5 if p.dim() == 2 else 0.2
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+        for sel in model.selectors:
+            sel.norm.weight.add_(1.0)
+
+
 def build(name, mode, device, dtype, calib_images):
-    model = create_model(name, pruning=mode).to(device=device, dtype=dtype).eval()
+    model = create_model(name, pruning=mode)
+    spread_selectors(model)
+    model = model.to(device=device, dtype=dtype).eval()
     if mode == "threshold":
         with torch.inference_mode():
             calibrate_thresholds(model, calib_images)  # per-stage thresholds: mean keep = the keep ratios
