@@ -192,6 +192,8 @@ def main(argv=None):
                         "the recipe's min(0.01 lr, selector lr) (default: all epochs, a frozen backbone)")
     p.add_argument("--random-seeds", type=int, default=5, help="draws of the random-dropping baseline (mean, range)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--reuse-dense", action="store_true",
+                   help="keep OUT/dense.pth from an earlier run (the dense training is seeded: the same weights)")
     p.add_argument("--reuse", action="store_true",
                    help="keep OUT/dense.pth and OUT/spvit/ from an earlier run of the same settings: evaluate only")
     args = p.parse_args(argv)
@@ -209,12 +211,13 @@ def main(argv=None):
 
     reuse = args.reuse and (out / "dense.pth").is_file() and (out / "spvit" / "results.json").is_file()
     t0 = time.perf_counter()
-    if reuse:
+    reuse_dense = reuse or (args.reuse_dense and (out / "dense.pth").is_file())
+    if reuse_dense:
         dense = create_model(MODEL, num_classes=CLASSES, img_size=IMG, patch_size=PATCH).vit
         dense.load_state_dict(torch.load(out / "dense.pth", weights_only=True))
     else:
         dense = train_dense(out / "digits", out / "dense.pth", dense_epochs, dense_batch)
-    phases["dense training" + (" (reused)" if reuse else "")] = time.perf_counter() - t0
+    phases["dense training" + (" (reused)" if reuse_dense else "")] = time.perf_counter() - t0
 
     warmup = spvit_epochs if args.spvit_warmup is None else min(args.spvit_warmup, spvit_epochs)
     t0 = time.perf_counter()
