@@ -135,12 +135,13 @@ def assert_close_providers(results, reference_name, *, atol, rtol, what="output"
                 assert torch.equal(a.cpu(), b.cpu()), f"{name} disagrees with {reference_name} ({what} {i})"
 
 
-def write_csv(name, device, rows, extra_meta=None, *, label=None):
+def write_csv(name, device, rows, extra_meta=None, *, label=None, results_dir=None):
     """Write rows (list of dicts) to results/<name>-<device>.csv with `# key: value` provenance lines
     (label, if given, replaces the device in the file name and the `device` line: e.g. for offline
-    compiles or models, which no device ran)."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}-{label or device_label(device)}.csv")
+    compiles or models, which no device ran; results_dir replaces benchmarks/results)."""
+    results_dir = results_dir or RESULTS_DIR
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}-{label or device_label(device)}.csv")
     meta = provenance(device)
     if label:
         meta["device"] = label

@@ -286,7 +286,7 @@ def main(argv=None):
             "train_command_results": json.dumps({k: train_result[k] for k in ("masked", "accelerated",
                                                                              "prediction_disagreements")})}
     if not args.quick:
-        common.write_csv("digits_demo", "cpu", rows, meta, label="cpu")
+        common.write_csv("digits_demo", "cpu", rows, meta, label="cpu", results_dir=str(results))
     lines = ["| model | top-1 % | images/s | patches kept per stage |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['top1']:.2f}" + (f" ({r['top1_min']:.2f}-{r['top1_max']:.2f})" if "top1_min" in r
                                                       else "")
