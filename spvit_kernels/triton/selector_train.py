@@ -152,6 +152,24 @@ def _log_softmax2(l0, l1):
     return l0 - lse, l1 - lse
 
 
+@triton.jit
+def _head_params(LNW, LNB, BIN, offs_d, dmask):
+    """The per-head kernels' shared vectors: LayerNorm weight and bias, proj_in's bias (masked to d, float32)."""
+    lnw = tl.load(LNW + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    lnb = tl.load(LNB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    b_in = tl.load(BIN + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    return lnw, lnb, b_in
+
+
+@triton.jit
+def _load_x_tile(x_img, rows, row_hi, stride_sm, offs_d, dmask):
+    """Rows `rows` (< row_hi) of one image's head slice as float32 (BLOCK_M, BLOCK_D), with the row and tile masks."""
+    rmask = rows < row_hi
+    xmask = rmask[:, None] & dmask[None, :]
+    x = tl.load(x_img + rows[:, None] * stride_sm + offs_d[None, :], mask=xmask, other=0.0).to(tl.float32)
+    return x, rmask, xmask
+
+
 @triton.jit(do_not_specialize=["M", "rows_per_chunk", "n_chunks"])
 def _fwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, ULOC, MEAN, RSTD, GPART,
                      M, H, rows_per_chunk, n_chunks,
@@ -165,12 +183,10 @@ def _fwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, ULOC, MEA
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    lnw = tl.load(LNW + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    lnw, lnb, b_in = _head_params(LNW, LNB, BIN, offs_d, dmask)
     # W_in^T as a (k, n) tile: one dot gives both halves of u.
     w_in_kn = tl.load(WIN + offs_d[None, :] * D + offs_d[:, None], mask=dmask[:, None] & dmask[None, :],
                       other=0.0).to(tl.float32)
-    b_in = tl.load(BIN + offs_d, mask=dmask, other=0.0).to(tl.float32)
     x_img = S + b * stride_sb + h * D
     w_img = WTS + b * M
     stat_img = b * M * H + h
@@ -179,9 +195,7 @@ def _fwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, ULOC, MEA
     row_hi = tl.minimum(row_lo + rows_per_chunk, M)
     for r in range(row_lo, row_hi, BLOCK_M):
         rows = r + offs_m
-        rmask = rows < row_hi
-        xmask = rmask[:, None] & dmask[None, :]
-        x = tl.load(x_img + rows[:, None] * stride_sm + offs_d[None, :], mask=xmask, other=0.0).to(tl.float32)
+        x, rmask, _ = _load_x_tile(x_img, rows, row_hi, stride_sm, offs_d, dmask)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
         rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + 1e-5)
@@ -379,11 +393,9 @@ def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RST
     dmask = offs_d < D
     loc = offs_d < D2
     gmask = (offs_d >= D2) & dmask
-    lnw = tl.load(LNW + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    lnw, lnb, b_in = _head_params(LNW, LNB, BIN, offs_d, dmask)
     w_in = tl.load(WIN + offs_d[:, None] * D + offs_d[None, :], mask=dmask[:, None] & dmask[None, :],
                    other=0.0).to(tl.float32)  # (n, k)
-    b_in = tl.load(BIN + offs_d, mask=dmask, other=0.0).to(tl.float32)
     # dglob of this (image, head), at the global half's columns of a BLOCK_D vector: the combine tiles' partials
     dglob = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(n_tiles):
@@ -404,9 +416,7 @@ def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RST
     row_hi = tl.minimum(row_lo + rows_per_chunk, M)
     for r in range(row_lo, row_hi, BLOCK_M):
         rows = r + offs_m
-        rmask = rows < row_hi
-        xmask = rmask[:, None] & dmask[None, :]
-        x = tl.load(x_img + rows[:, None] * stride_sm + offs_d[None, :], mask=xmask, other=0.0).to(tl.float32)
+        x, rmask, xmask = _load_x_tile(x_img, rows, row_hi, stride_sm, offs_d, dmask)
         mean = tl.load(MEAN + stat_img + rows * H, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + stat_img + rows * H, mask=rmask, other=0.0)
         xhat = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
