@@ -40,13 +40,7 @@ def make_selector(C, H, device):
     from spvit_kernels.models.selector import TokenSelector
 
     sel = TokenSelector(C, H, device=device)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in sel.parameters():
-            fan_in = p.shape[1] if p.dim() == 2 else 1
-            scale = 1.5 / fan_in**0.5 if p.dim() == 2 else 0.2
-            p.copy_((scale * torch.randn(p.shape, generator=gen)).to(device))
-        sel.norm.weight.add_(1.0)
+    common.spread_selector(sel, torch.Generator().manual_seed(0))
     return sel
 
 

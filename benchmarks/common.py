@@ -135,6 +135,17 @@ def assert_close_providers(results, reference_name, *, atol, rtol, what="output"
                 assert torch.equal(a.cpu(), b.cpu()), f"{name} disagrees with {reference_name} ({what} {i})"
 
 
+def spread_selector(sel, gen):
+    """Re-draw a TokenSelector's weights (in place) with the spread of trained ones, so that its keep scores vary
+    by O(1) instead of ~1e-5 at the official init: Linear weights ~ N(0, (1.5 / sqrt(fan_in))^2), every 1-D
+    parameter ~ N(0, 0.2^2), then 1 added to the LayerNorm weight. Draws from the CPU generator `gen`."""
+    with torch.no_grad():
+        for p in sel.parameters():
+            scale = 1.5 / p.shape[1] ** 0.5 if p.dim() == 2 else 0.2
+            p.copy_((scale * torch.randn(p.shape, generator=gen)).to(p.device))
+        sel.norm.weight.add_(1.0)
+
+
 def write_csv(name, device, rows, extra_meta=None, *, label=None, results_dir=None):
     """Write rows (list of dicts) to results/<name>-<device>.csv with `# key: value` provenance lines
     (label, if given, replaces the device in the file name and the `device` line: e.g. for offline

@@ -121,7 +121,8 @@ def check_agreement(logits_ref, logits_acc, dtype):
 
 
 def spread_selectors(model, seed=0):
-    """Re-draw the selectors' weights with the spread of trained ones (Linear weights ~ 1.5 / sqrt(fan_in)).
+    """Re-draw the selectors' weights with the spread of trained ones (`common.spread_selector`, as
+    bench_token_scores does).
 
     Fresh selectors (the official init, std 0.02) give keep scores within ~1e-5 of each other, where float32
     rounding alone decides the top-k order: the reference model's PyTorch float32 selector is ~1e-7 off the
@@ -129,12 +130,8 @@ def spread_selectors(model, seed=0):
     near tie and the agreement check below would measure rounding, not the kernels. Timing does not depend on
     the values (top-k keeps a fixed count; threshold mode is calibrated)."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.selectors.parameters():
-            scale = 1.5 / p.shape[1] ** 0.5 if p.dim() == 2 else 0.2
-            p.copy_(scale * torch.randn(p.shape, generator=gen))
-        for sel in model.selectors:
-            sel.norm.weight.add_(1.0)
+    for sel in model.selectors:
+        common.spread_selector(sel, gen)
 
 
 def build(name, mode, device, dtype, calib_images):

@@ -18,7 +18,7 @@
 // baseline the extension is built for, with target("avx2") (no FMA: the same operations in the same order as
 // the baseline, only wider), and with target("avx512f,fma"), whose GEMM tiles are sixteen wide with fused
 // multiply-adds (one rounding per product instead of two: results differ from the other two builds in the
-// last bits, and ~1.3-1.5x faster).
+// last bits; 1.3-1.8x faster than the AVX2 build on this project's CPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -25,17 +25,17 @@ def register_dispatch(op, check):
     torch.library.impl(f"spvit::{op}", ["CPU", "CUDA"], kernel)
 
 
-def _number_kinds(op):
-    """{position: "int" / "float"} of the int / float (optional or not) arguments of op's schema."""
-    kinds = {}
+def _number_args(op):
+    """{position: (name, "int" / "float")} of the int / float (optional or not) arguments of op's schema."""
+    found = {}
     for i, a in enumerate(getattr(torch.ops.spvit, op).default._schema.arguments):
         t = a.type.getElementType() if a.type.kind() == "OptionalType" else a.type
         if t.kind() in ("IntType", "FloatType"):
-            kinds[i] = "int" if t.kind() == "IntType" else "float"
-    return kinds
+            found[i] = (a.name, "int" if t.kind() == "IntType" else "float")
+    return found
 
 
-_KINDS = {}
+_NUMBER_ARGS = {}
 
 
 def schema_numbers(op, args):
@@ -43,14 +43,13 @@ def schema_numbers(op, args):
     `torch.ops.spvit.<op>` entry point takes it: a float argument takes a real tensor, an int argument an integer
     one, neither one that requires grad. A bool stays a bool (the checks refuse it for a number: PyTorch's
     parser converts it to 0 / 1 before the raw entry point's kernel can see it)."""
-    kinds = _KINDS.get(op)
-    if kinds is None:
-        kinds = _KINDS[op] = _number_kinds(op)
-    if not any(torch.is_tensor(args[i]) for i in kinds if i < len(args)):
+    numbers = _NUMBER_ARGS.get(op)
+    if numbers is None:
+        numbers = _NUMBER_ARGS[op] = _number_args(op)
+    if not any(i < len(args) and torch.is_tensor(args[i]) for i in numbers):
         return args
-    names = [a.name for a in getattr(torch.ops.spvit, op).default._schema.arguments]
     out = list(args)
-    for i, kind in kinds.items():
+    for i, (name, kind) in numbers.items():
         v = out[i] if i < len(out) else None
         if not torch.is_tensor(v):
             continue
@@ -58,7 +57,7 @@ def schema_numbers(op, args):
         ok_dtype = (not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool) \
             if wanted_int else (v.dtype != torch.bool and not v.dtype.is_complex)
         if v.dim() != 0 or v.requires_grad or not ok_dtype or v.device.type == "meta":
-            raise TypeError(f"{names[i]} must be {'an int' if wanted_int else 'a float'} (or a 0-dim "
+            raise TypeError(f"{name} must be {'an int' if wanted_int else 'a float'} (or a 0-dim "
                             f"{'integer' if wanted_int else 'real'} tensor without grad), got a tensor of shape "
                             f"{tuple(v.shape)}, dtype {str(v.dtype).replace('torch.', '')}"
                             + (", requires_grad" if v.requires_grad else ""))

@@ -103,7 +103,7 @@ class SPViTLoss(nn.Module):
         self.clf_weight, self.ratio_weight, self.distill_weight = float(clf_weight), float(ratio_weight), \
             float(distill_weight)
         self.token_loss = token_loss
-        self._terms = {}
+        self._terms, self._last = {}, None
 
     def train(self, mode=True):
         """Keeps the teacher in eval mode whatever mode the loss module is put in."""
@@ -138,15 +138,18 @@ class SPViTLoss(nn.Module):
             terms["token"] = self._token_term(tokens, t_tokens, decision)
             total = total + self.distill_weight * (cls_kl + terms["token"])
         terms["total"] = total
-        self._terms = {name: t.detach() for name, t in terms.items()}
+        self._terms, self._last = {name: t.detach() for name, t in terms.items()}, None
         if not torch.compiler.is_compiling():  # eager: fail at once; a compiled step is checked when `last` is read
             self._check_finite()
         return total
 
     @property
     def last(self):
-        """The last call's components as floats: clf, ratio (, cls_kl, token with a teacher), total."""
-        return {name: float(t) for name, t in self._terms.items()}
+        """The last call's components as floats: clf, ratio (, cls_kl, token with a teacher), total. Read from
+        the tensors once per call (one device synchronisation), however often it is read."""
+        if self._last is None:
+            self._last = {name: float(t) for name, t in self._terms.items()}
+        return self._last
 
     def _check_finite(self):
         last = self.last
