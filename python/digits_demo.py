@@ -297,10 +297,11 @@ def main(argv=None):
     fresh.vit.load_state_dict(dense.state_dict())
     learned_acc = accelerate(copy.deepcopy(learned))
     images = torch.stack([val_set[i][0] for i in range(min(256, len(val_set)))])
+    untrained_acc = accelerate(copy.deepcopy(fresh))
     random_drop = _as(RandomDropSPViT, fresh)
     rows = []
     kept = {"dense": f"all {(IMG // PATCH) ** 2}"}
-    for name, model in (("learned", learned_acc), ("untrained", accelerate(copy.deepcopy(fresh))),
+    for name, model in (("learned", learned_acc), ("untrained", untrained_acc),
                         ("random", random_drop)):
         with torch.no_grad():
             _, info = model.eval()(images[:4], return_info=True)
@@ -309,7 +310,7 @@ def main(argv=None):
             ("dense backbone", "dense", dense, dense),
             ("SPViT, learned selectors (masked)", "learned", learned, learned),
             ("SPViT, learned selectors (accelerated)", "learned", learned_acc, learned_acc),
-            ("dense backbone, untrained selectors", "untrained", fresh, accelerate(copy.deepcopy(fresh)))):
+            ("dense backbone, untrained selectors", "untrained", fresh, untrained_acc)):
         rows.append({"model": name, "top1": round(top1(model, val_loader), 2),
                      "images_per_s": round(images_per_s(ips_model, images), 1),
                      "kept_per_stage": kept[key]})
@@ -340,8 +341,8 @@ def main(argv=None):
                      f"(scaled x{batch}/512), "
                      + ("backbone frozen (warm-up = all epochs)" if not fine_tuned else
                         f"backbone frozen for {warmup} warm-up epochs, then trained at min(0.01 lr, selector lr)")
-                     + f", --ratio-weight {args.ratio_weight}, no augmentation (--train-crop center, as the backbone was trained), keep ratios "
-                       "0.617/0.369/0.137",
+                     + f", --ratio-weight {args.ratio_weight}, no augmentation (--train-crop center, as the backbone "
+                       "was trained), keep ratios 0.617/0.369/0.137",
             "images_per_s": f"float32, batch {len(images)}, {args.threads} threads, median of 5",
             "phases_s": "; ".join(f"{k} {v:.0f}" for k, v in phases.items()),
             "train_command_results": json.dumps({k: train_result[k] for k in ("masked", "accelerated",

@@ -89,9 +89,9 @@ def test_brightest_kept_keeps_the_brightest_patches():
     model.__class__ = demo.BrightestKeptSPViT
     model.eval()
     g = torch.Generator().manual_seed(3)
+    # 2 images with 64 distinct patch levels, 2 with random ones
     levels = torch.stack([torch.randperm(64, generator=g) for _ in range(2)]).float().reshape(2, 1, 8, 8) / 64
-    # (distinct levels per patch, 2 images)
-    levels = torch.cat([levels, torch.rand(2, 1, 8, 8, generator=g)])  # and 2 more images of other levels
+    levels = torch.cat([levels, torch.rand(2, 1, 8, 8, generator=g)])
     images = levels.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1).contiguous()
     with torch.no_grad():
         _, info = model(images, return_info=True)
