@@ -35,7 +35,7 @@ from ._cli import HelpFormatter
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FIELDS = ("epoch", "lr_selectors", "lr_backbone", "clf", "ratio", "cls_kl", "token", "total", "kept",
-              "val_top1_masked", "seconds")
+              "ratio_multipliers", "val_top1_masked", "seconds")
 
 
 def parse_args(argv=None):
@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-ratios", type=float, nargs="+", help="per-stage keep ratios (default: the model's)")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the student")
     p.add_argument("--ratio-weight", type=float, default=2.0, help="weight of the keep-ratio loss")
+    p.add_argument("--ratio-multiplier-lr", type=float, default=0.0,
+                   help="0: the paper's ratio loss; > 0: also a Lagrange multiplier per stage (>= 0, moved by this "
+                        "step size after every step) that holds each training keep ratio at or below its target")
     p.add_argument("--distill-weight", type=float, default=0.5, help="weight of each distillation loss")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
@@ -104,8 +107,8 @@ def _check_args(p, args):
     for name in ("epochs", "batch_size", "accum", "img_size", "throughput_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_epochs", "weight_decay", "min_lr", "drop_path", "ratio_weight", "distill_weight",
-                 "mixup", "cutmix", "smoothing", "reprob"):
+    for name in ("warmup_epochs", "weight_decay", "min_lr", "drop_path", "ratio_weight", "ratio_multiplier_lr",
+                 "distill_weight", "mixup", "cutmix", "smoothing", "reprob"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -231,7 +234,8 @@ def run(args):
         teacher.to(device)
         token_loss = "kl" if "lvvit" in args.model else "mse"
         loss_fn = SPViTLoss(teacher, model.config.keep_ratios, ratio_weight=args.ratio_weight,
-                            distill_weight=args.distill_weight, token_loss=token_loss)
+                            distill_weight=args.distill_weight, token_loss=token_loss,
+                            ratio_multiplier_lr=args.ratio_multiplier_lr)
         optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
         scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         ema = None
@@ -249,6 +253,8 @@ def run(args):
                 scaler.load_state_dict(state["scaler"])
             if ema is not None and state["model_ema"] is not None:
                 ema.module.load_state_dict(state["model_ema"])
+            if state.get("ratio_multipliers") is not None:
+                loss_fn.ratio_multipliers.copy_(state["ratio_multipliers"])
             start_epoch, best = state["epoch"] + 1, state["best_top1"]
             checkpointing.set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
         else:  # each rank its own augmentation (numpy: mixup, Python: RandAugment) and Gumbel noise (torch)
@@ -288,9 +294,10 @@ def run(args):
                     rng = gathered
                 if rank == 0:
                     kept = "/".join(f"{r:.4f}" for r in stats["kept"])
+                    multipliers = "/".join(f"{m:.4f}" for m in loss_fn.ratio_multipliers.tolist())
                     with open(log_path, "a", newline="") as f:
                         csv.writer(f).writerow([epoch, sel_lr, bb_lr, *(round(stats[k], 6) for k in loop.LOSS_TERMS),
-                                                kept, round(val["top1"], 4), round(seconds, 2)])
+                                                kept, multipliers, round(val["top1"], 4), round(seconds, 2)])
                     print(f"epoch {epoch}: loss {stats['total']:.4f} (clf {stats['clf']:.4f}, "
                           f"ratio {stats['ratio']:.4f},"
                           f" cls_kl {stats.get('cls_kl', 0):.4f}, token {stats.get('token', 0):.4f}) kept {kept} "
@@ -298,7 +305,8 @@ def run(args):
                     improved = val["top1"] > best
                     best = max(best, val["top1"])
                     checkpointing.save(out_dir / "checkpoint.pth", model=model, optimizer=optimizer, scaler=scaler,
-                                       ema=ema, epoch=epoch, args=args, best_top1=best, rng=rng)
+                                       ema=ema, epoch=epoch, args=args, best_top1=best, rng=rng,
+                                       ratio_multipliers=loss_fn.ratio_multipliers)
                     if improved:
                         torch.save({"model": model.state_dict(), "epoch": epoch, "val_top1": val["top1"]},
                                    out_dir / "best.pth")

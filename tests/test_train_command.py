@@ -83,20 +83,26 @@ def test_checkpoints_load_and_evaluate(trained, folder, tmp_path):
 
 
 def test_resume_gives_the_same_weights(folder, tmp_path):
-    """1 epoch, then --resume for the second: bit-identical to an uninterrupted 2-epoch run."""
+    """1 epoch, then --resume for the second: bit-identical to an uninterrupted 2-epoch run (the ratio loss's
+    Lagrange multipliers too, which move after every step with --ratio-multiplier-lr)."""
     straight, out = tmp_path / "straight", tmp_path / "resumed"
-    assert main(_args(folder, straight)) == 0
-    args = _args(folder, out)
+    mult = ("--ratio-multiplier-lr", "5")
+    assert main(_args(folder, straight, *mult)) == 0
+    args = _args(folder, out, *mult)
     args[args.index("--epochs") + 1] = "1"
     assert main(args) == 0
-    assert main(_args(folder, out, "--resume")) == 0
-    a = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(straight / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert main(_args(folder, out, "--resume", *mult)) == 0
+    sa = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    sb = torch.load(straight / "checkpoint.pth", map_location="cpu", weights_only=False)
+    a, b = sa["model"], sb["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert sa["ratio_multipliers"].abs().sum() > 0 and torch.equal(sa["ratio_multipliers"], sb["ratio_multipliers"])
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    straight_rows = list(csv.DictReader(open(straight / "log.csv")))
+    assert [r["ratio_multipliers"] for r in rows] == [r["ratio_multipliers"] for r in straight_rows]
 
 
 def test_backbone_is_loaded_into_student_and_teacher(folder, tmp_path):
@@ -132,6 +138,7 @@ def _exit_code(args):
     ({"--backbone": "missing.pth"}, "--backbone"),
     ({"--data": "/nonexistent"}, "--data"),
     ({"--amp": "fp16", "--device": "cpu"}, "--amp"),
+    ({"--ratio-multiplier-lr": "-1"}, "--ratio-multiplier-lr"),
 ])
 def test_bad_input(folder, tmp_path, capsys, change, match):
     if change.get("--device") == "cuda" and torch.cuda.is_available():
@@ -171,7 +178,7 @@ def _free_port():
 
 def test_torchrun_two_processes(folder, tmp_path):
     out = tmp_path / "ddp"
-    args = _args(folder, out)
+    args = _args(folder, out, "--ratio-multiplier-lr", "5")  # its kept ratios are averaged over the ranks
     args[args.index("--epochs") + 1] = "1"
     args[args.index("--batch-size") + 1] = "2"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -184,6 +191,7 @@ def test_torchrun_two_processes(folder, tmp_path):
     assert proc.stdout.count("epoch 0:") == 1  # rank 0 prints
     state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(state["rng"]) == 2  # each rank's generators
+    assert state["ratio_multipliers"].abs().sum() > 0
 
 
 def test_randaugment_posterize_at_the_top_level_gives_the_zero_image():

@@ -290,6 +290,48 @@ def test_loss_no_kept_row_and_no_teacher():
     assert set(plain.last) == {"clf", "ratio", "total"}
 
 
+def test_loss_ratio_multipliers():
+    """The optional Lagrange multipliers: the loss gains sum_s lambda_s (mean_s - r_s) / S, its gradient lowers the
+    kept ratios when lambda > 0, and update_multipliers takes dual-ascent steps (off by default: the paper's loss)."""
+    model, teacher, images, targets, out = _loss_case("mse", False)
+    ratios = model.config.keep_ratios
+    plain = SPViTLoss(teacher, ratios)
+    plain.update_multipliers([1.0] * len(ratios))  # eta 0: a no-op
+    assert plain.ratio_multipliers.abs().sum() == 0
+    base = float(plain(images, out, targets).detach())
+    loss_fn = SPViTLoss(teacher, ratios, ratio_multiplier_lr=0.5)
+    below = [r - 0.1 for r in ratios]  # below every target: lambda stays at 0 (projected on lambda >= 0)
+    loss_fn.update_multipliers(below)
+    assert loss_fn.ratio_multipliers.tolist() == [0.0] * len(ratios)
+    kept = [r + float(torch.rand(())) * 0.5 for r in ratios[:-1]] + [ratios[-1] - 0.05]
+    loss_fn.update_multipliers(kept)
+    loss_fn.update_multipliers(kept)
+    lam = [max(0.0, 2 * 0.5 * (k - r)) for k, r in zip(kept, ratios)]
+    assert lam[-1] == 0 and min(lam[:-1]) > 0
+    assert loss_fn.ratio_multipliers.tolist() == pytest.approx(lam, rel=1e-12)
+    loss_fn.update_multipliers([r - 0.01 for r in ratios])  # a step below the target lowers each one by eta * 0.01
+    lam = [max(0.0, m_s - 0.5 * 0.01) for m_s in lam]
+    assert loss_fn.ratio_multipliers.tolist() == pytest.approx(lam, rel=1e-12)
+    assert "ratio_multipliers" not in loss_fn.state_dict()  # non-persistent: the train command checkpoints it
+    total = loss_fn(images, out, targets)
+    means = [float(d.detach().double().mean()) for d in out.decisions]
+    extra = sum(m_s * (d - r) for m_s, d, r in zip(lam, means, ratios)) / len(ratios)
+    assert float(total.detach()) == pytest.approx(base + extra, rel=1e-9, abs=1e-12)
+    # The multiplier term's gradient on each stage's decisions is lambda_s / (S * elements) >= 0: it pushes the
+    # kept ratios down, never up.
+    rest = dict(logits=out.logits.detach(), tokens=out.tokens.detach(), decision=out.decision.detach())
+    decisions = [d.detach().clone().requires_grad_(True) for d in out.decisions]
+    loss_fn(images, out._replace(decisions=decisions, **rest), targets).backward()
+    plain_decisions = [d.detach().clone().requires_grad_(True) for d in out.decisions]
+    plain(images, out._replace(decisions=plain_decisions, **rest), targets).backward()
+    for d, p, m_s in zip(decisions, plain_decisions, lam):
+        torch.testing.assert_close(d.grad - p.grad, torch.full_like(d, m_s / (len(ratios) * d.numel())))
+    with pytest.raises(ValueError, match="ratio_multiplier_lr"):
+        SPViTLoss(teacher, ratios, ratio_multiplier_lr=-1.0)
+    with pytest.raises(ValueError, match="kept has 1 ratios"):
+        loss_fn.update_multipliers([0.5])
+
+
 def test_teachers():
     """timm ViT, timm PiT, LVViT and a plain (logits, tokens) module all give (logits (B, K), tokens (B, P, C))."""
     import timm

@@ -30,11 +30,15 @@ def setup(device_arg):
 
 
 def all_reduce(values, op, device):
-    """Sum / max a list of floats over the ranks (no-op in a single process). float64 keeps counts exact."""
+    """Sum / mean / max a list of floats over the ranks (no-op in a single process). float64 keeps counts exact."""
+    if op not in ("sum", "mean", "max"):
+        raise ValueError(f"op must be 'sum', 'mean' or 'max', got {op!r}")
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.get_world_size()
     return t.tolist()
 
 

@@ -34,13 +34,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path, *, model, optimizer, scaler, ema, epoch, args, best_top1, rng):
+def save(path, *, model, optimizer, scaler, ema, epoch, args, best_top1, rng, ratio_multipliers=None):
     """Write the checkpoint (atomically: a crash mid-write leaves the previous one). `model` is the bare module
-    (not the DistributedDataParallel wrapper); `rng` the per-rank generator states (a list, rank order)."""
+    (not the DistributedDataParallel wrapper); `rng` the per-rank generator states (a list, rank order);
+    `ratio_multipliers` the loss's Lagrange multipliers (S,) (None: the paper's loss, none kept)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "model_ema": ema.module.state_dict() if ema is not None else None,
-             "epoch": epoch, "best_top1": best_top1, "rng": rng, "args": vars(args)}
+             "epoch": epoch, "best_top1": best_top1, "rng": rng, "args": vars(args),
+             "ratio_multipliers": None if ratio_multipliers is None else ratio_multipliers.detach().cpu().clone()}
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

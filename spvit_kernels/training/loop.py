@@ -45,6 +45,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, *, device, epoch, accum=1
                 loss = loss_fn(images, out, targets)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        ratios = [float(d.detach().float().mean()) for d in out.decisions]
         if last_micro:
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -58,7 +59,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, *, device, epoch, accum=1
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(model.module if hasattr(model, "module") else model)
-        ratios = [float(d.detach().float().mean()) for d in out.decisions]
+        if getattr(loss_fn, "ratio_multiplier_lr", 0.0):
+            # Every micro-batch's ratios move the multipliers (mean over the ranks: the same multipliers everywhere).
+            loss_fn.update_multipliers(distributed.all_reduce(ratios, "mean", device))
         kept_sums = ratios if kept_sums is None else [a + b for a, b in zip(kept_sums, ratios)]
         for k in LOSS_TERMS:
             sums[k] += loss_fn.last.get(k, 0.0)

@@ -2,6 +2,7 @@
 
     loss = clf_weight     * base(logits, targets)
          + ratio_weight   * sum_s (mean(decisions[s]) - r_s)^2 / S
+         [+ sum_s lambda_s * (mean(decisions[s]) - r_s) / S]    lambda_s >= 0; optional, not in the paper
          + distill_weight * KL(student || teacher logits)           log-softmax both, batchmean, log_target
          + distill_weight * token loss on the rows where decision > 0.5   (MSE, or KL over channels)
 """
@@ -75,11 +76,19 @@ class SPViTLoss(nn.Module):
             targets (mixup / cutmix), label-smoothing 0.1 cross-entropy for class indices.
         clf_weight, ratio_weight, distill_weight: the weights (paper: 1, 2, 0.5).
         token_loss: "mse" (DeiT) or "kl" (LV-ViT: KL over the channels of each kept row, batchmean).
+        ratio_multiplier_lr: 0 (the paper's loss) or the step size eta of a Lagrange multiplier per stage for the
+            budget "kept ratio <= target": the loss gains sum_s lambda_s * (mean_s - r_s) / S, and after each step
+            the training loop calls `update_multipliers` with the step's kept ratios, lambda_s = max(0, lambda_s +
+            eta * (kept_s - r_s)). A quadratic penalty alone settles where the task's pull towards more tokens
+            balances it, which on small images can be far above the target; the multiplier grows while the
+            ratio is above it. It stays >= 0 (the quadratic term alone lifts a ratio below its target): a
+            multiplier that went negative while the selectors start below the targets would later push them over.
+            The multipliers are the float64 buffer `ratio_multipliers` (S,); the train command checkpoints them.
     Raises FloatingPointError naming the component when a term is not finite.
     """
 
     def __init__(self, teacher, keep_ratios, base_criterion=None, clf_weight=1.0, ratio_weight=2.0,
-                 distill_weight=0.5, token_loss="mse"):
+                 distill_weight=0.5, token_loss="mse", ratio_multiplier_lr=0.0):
         super().__init__()
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
@@ -92,7 +101,7 @@ class SPViTLoss(nn.Module):
         if token_loss not in TOKEN_LOSSES:
             raise ValueError(f"token_loss must be one of {TOKEN_LOSSES}, got {token_loss!r}")
         for name, w in (("clf_weight", clf_weight), ("ratio_weight", ratio_weight),
-                        ("distill_weight", distill_weight)):
+                        ("distill_weight", distill_weight), ("ratio_multiplier_lr", ratio_multiplier_lr)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
         self.teacher = teacher
@@ -103,7 +112,23 @@ class SPViTLoss(nn.Module):
         self.clf_weight, self.ratio_weight, self.distill_weight = float(clf_weight), float(ratio_weight), \
             float(distill_weight)
         self.token_loss = token_loss
+        self.ratio_multiplier_lr = float(ratio_multiplier_lr)
+        # float64: a multiplier summed over many steps of small corrections should not lose them to rounding.
+        self.register_buffer("ratio_multipliers", torch.zeros(len(ratios), dtype=torch.float64), persistent=False)
         self._terms, self._last = {}, None
+
+    @torch.no_grad()
+    def update_multipliers(self, kept):
+        """One projected dual-ascent step: lambda_s = max(0, lambda_s + ratio_multiplier_lr * (kept[s] - r_s)), with
+        kept the step's mean kept ratio per stage (floats; under data parallelism, the mean over the ranks, so
+        that every rank holds the same multipliers). A no-op when ratio_multiplier_lr is 0."""
+        if self.ratio_multiplier_lr == 0.0:
+            return
+        if len(kept) != len(self.keep_ratios):
+            raise ValueError(f"kept has {len(kept)} ratios but keep_ratios has {len(self.keep_ratios)}")
+        step = torch.tensor([k - r for k, r in zip(kept, self.keep_ratios)], dtype=torch.float64)
+        self.ratio_multipliers += self.ratio_multiplier_lr * step.to(self.ratio_multipliers.device)
+        self.ratio_multipliers.clamp_(min=0.0)
 
     def train(self, mode=True):
         """Keeps the teacher in eval mode whatever mode the loss module is put in."""
@@ -123,6 +148,10 @@ class SPViTLoss(nn.Module):
         ratio = sum((d.mean() - r) ** 2 for d, r in zip(decisions, self.keep_ratios)) / len(decisions)
         terms = {"clf": clf, "ratio": ratio}
         total = self.clf_weight * clf + self.ratio_weight * ratio
+        if self.ratio_multiplier_lr:
+            lam = self.ratio_multipliers
+            total = total + sum(lam[s].to(device=d.device, dtype=_f32(d).dtype) * (_f32(d).mean() - r) for s, (d, r) in
+                                enumerate(zip(decisions, self.keep_ratios))) / len(decisions)
         if self.teacher is not None:
             with torch.no_grad():
                 t_logits, t_tokens = teacher_outputs(self.teacher, images)
