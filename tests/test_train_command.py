@@ -86,7 +86,8 @@ def test_resume_gives_the_same_weights(folder, tmp_path):
     """1 epoch, then --resume for the second: bit-identical to an uninterrupted 2-epoch run (the ratio loss's
     Lagrange multipliers too, which move after every step with --ratio-multiplier-lr)."""
     straight, out = tmp_path / "straight", tmp_path / "resumed"
-    mult = ("--ratio-multiplier-lr", "5")
+    # Low targets: the rates start near 0.5, above them, so the multipliers (clipped at 0) must move.
+    mult = ("--ratio-multiplier-lr", "5", "--keep-ratios", "0.3", "0.2", "0.1")
     assert main(_args(folder, straight, *mult)) == 0
     args = _args(folder, out, *mult)
     args[args.index("--epochs") + 1] = "1"
@@ -178,7 +179,7 @@ def _free_port():
 
 def test_torchrun_two_processes(folder, tmp_path):
     out = tmp_path / "ddp"
-    args = _args(folder, out, "--ratio-multiplier-lr", "5")  # its kept ratios are averaged over the ranks
+    args = _args(folder, out, "--ratio-multiplier-lr", "5", "--keep-ratios", "0.3", "0.2", "0.1")  # its kept ratios are averaged over the ranks
     args[args.index("--epochs") + 1] = "1"
     args[args.index("--batch-size") + 1] = "2"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
