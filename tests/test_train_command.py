@@ -34,6 +34,10 @@ def folder(tmp_path_factory):
     return root
 
 
+# Low targets: the keep rates start near 0.5, above them, so the multipliers (clipped at 0) must move.
+MOVING_MULTIPLIERS = ("--ratio-multiplier-lr", "5", "--keep-ratios", "0.3", "0.2", "0.1")
+
+
 def _args(folder, out, *extra):
     return ["--model", MODEL, "--data", str(folder), "--output", str(out), *SIZE, "--epochs", "2",
             "--batch-size", "4", "--workers", "0", "--warmup-epochs", "1", "--threads", "1", *extra]
@@ -86,8 +90,7 @@ def test_resume_gives_the_same_weights(folder, tmp_path):
     """1 epoch, then --resume for the second: bit-identical to an uninterrupted 2-epoch run (the ratio loss's
     Lagrange multipliers too, which move after every step with --ratio-multiplier-lr)."""
     straight, out = tmp_path / "straight", tmp_path / "resumed"
-    # Low targets: the rates start near 0.5, above them, so the multipliers (clipped at 0) must move.
-    mult = ("--ratio-multiplier-lr", "5", "--keep-ratios", "0.3", "0.2", "0.1")
+    mult = MOVING_MULTIPLIERS
     assert main(_args(folder, straight, *mult)) == 0
     args = _args(folder, out, *mult)
     args[args.index("--epochs") + 1] = "1"
@@ -179,7 +182,7 @@ def _free_port():
 
 def test_torchrun_two_processes(folder, tmp_path):
     out = tmp_path / "ddp"
-    args = _args(folder, out, "--ratio-multiplier-lr", "5", "--keep-ratios", "0.3", "0.2", "0.1")  # its kept ratios are averaged over the ranks
+    args = _args(folder, out, *MOVING_MULTIPLIERS)  # its kept ratios are averaged over the ranks
     args[args.index("--epochs") + 1] = "1"
     args[args.index("--batch-size") + 1] = "2"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
