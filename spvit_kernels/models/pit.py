@@ -184,7 +184,7 @@ class SPViTPiT(SPViT):
                     x, keep = self._train_stage(s, x, keep, P, noise[s])
                     decisions.append(keep)
                     policy = stage_policy(1, keep, x.shape[1] - 1 - P)
-                x = self._train_block(block, x, policy)
+                x = self._train_blocks([block], x, policy)
             grid = x[:, 1: 1 + P].transpose(1, 2).reshape(B, C, Hs, Ws)
             rows = torch.cat([x[:, :1], x[:, 1 + P:]], dim=1)
         logits = self.forward_head_from_cls(rows[:, 0])

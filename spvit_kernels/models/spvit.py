@@ -43,6 +43,7 @@ from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
 from .selector import TokenSelector
 from .train_forward import (TrainOutput, check_gumbel_noise, frozen_update, gumbel_keep, policy_block_forward,
+                            policy_blocks_forward,
                             pool_package_train, stage_policy)
 
 
@@ -278,19 +279,27 @@ class SPViT(nn.Module):
         stage_at = {layer: s for s, layer in enumerate(cfg.selector_layers)}
         keep = x.new_ones(B, P, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         policy, decisions = None, []
-        for i, block in enumerate(self.vit.blocks):
-            if i in stage_at:
-                s = stage_at[i]
+        blocks = list(self.vit.blocks)
+        start = 0
+        # the blocks between two selectors run as one segment: their residual adds fuse into the norms
+        for layer in sorted(stage_at) + [len(blocks)]:
+            x = self._train_blocks(blocks[start:layer], x, policy)
+            if layer in stage_at:
+                s = stage_at[layer]
                 x, keep = self._train_stage(s, x, keep, P, noise[s])
                 decisions.append(keep)
                 policy = stage_policy(n, keep, x.shape[1] - n - P)
-            x = self._train_block(block, x, policy)
+            start = layer
         logits = self._head_masked(x, keep.detach() > 0.5)
         return TrainOutput(logits, self.final_norm(x[:, n: n + P]), keep.detach(), decisions)
 
-    def _train_block(self, block, x, policy):
-        y = policy_block_forward(block, x, policy, self.config.train_attn_eps)
-        return frozen_update(x, y, policy) if self.freeze_dropped else y
+    def _train_blocks(self, blocks, x, policy):
+        eps = self.config.train_attn_eps
+        if not self.freeze_dropped:
+            return policy_blocks_forward(blocks, x, policy, eps)
+        for block in blocks:  # a dropped row keeps its value: every block's output is needed whole
+            x = frozen_update(x, policy_block_forward(block, x, policy, eps), policy)
+        return x
 
     def _train_stage(self, stage, x, m_prev, P, noise):
         """One stage of the training forward. x (B, num_prefix + P + packages, C); m_prev (B, P) the previous keep

@@ -25,6 +25,16 @@ def attention_output(attn, o, h):
     return attn.proj_drop(attn.proj(o))
 
 
+def block_forward_carried(block, x, pending, attention, add_norm):
+    """block_forward with the residual add of the previous block's MLP branch moved into this block's first
+    norm, so that each `x = x + branch; h = norm(x)` pair is one `add_norm(norm, x, branch) -> (x, h)` call:
+    x is the residual stream without `pending` (the previous block's MLP branch, None for the first block).
+    Returns (x + pending + the attention branch, this block's MLP branch): the caller adds the last one."""
+    x, h = add_norm(block.norm1, x, pending)
+    x, h = add_norm(block.norm2, x, block.drop_path1(block.ls1(attention(block.attn, h))))
+    return x, block.drop_path2(block.ls2(block.mlp(h)))
+
+
 def block_forward(block, x, attention):
     """timm `Block` (pre-norm, layer scale, drop path; eval mode) with `attention(attn, h)` standing in for
     block.attn(h). Rows other than attention's are treated independently, so x may be (B, N, C) or (T, C)."""

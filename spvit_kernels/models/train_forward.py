@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ..training.output import TrainOutput  # noqa: F401  (re-exported for the model classes)
 from ..training.policy_attention import policy_attention
-from .timm_block import attention_output, block_forward, qk_norm
+from .add_norm import add_norm
+from .timm_block import attention_output, block_forward, block_forward_carried, qk_norm
 
 
 def check_gumbel_noise(gumbel_noise, shapes):
@@ -73,10 +74,7 @@ def pool_package_train(x, keep_prob, drop, package):
     return pooled
 
 
-def policy_block_forward(block, x, policy, eps):
-    """A timm `Block` (train or eval mode: drop path and dropouts as the block is set) with policy attention.
-
-    x (B, N, C); policy (B, N) float or None (all ones). Returns (B, N, C)."""
+def _policy_attention(policy, eps):
     def attention(attn, h):
         B, N, C = h.shape
         qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -84,7 +82,24 @@ def policy_block_forward(block, x, policy, eps):
         o = policy_attention(q, k, qkv[2], policy, eps, attn.scale)  # (B, H, N, d)
         return attention_output(attn, o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim), h)
 
-    return block_forward(block, x, attention)
+    return attention
+
+
+def policy_block_forward(block, x, policy, eps):
+    """A timm `Block` (train or eval mode: drop path and dropouts as the block is set) with policy attention.
+
+    x (B, N, C); policy (B, N) float or None (all ones). Returns (B, N, C)."""
+    return block_forward(block, x, _policy_attention(policy, eps))
+
+
+def policy_blocks_forward(blocks, x, policy, eps):
+    """policy_block_forward over consecutive blocks, with every residual add fused into the LayerNorm that reads
+    it (models/add_norm.py: one pass on CUDA with Triton; on CPU the same PyTorch calls in the same order, so the
+    result is bitwise that of the block-by-block loop)."""
+    attention, pending = _policy_attention(policy, eps), None
+    for block in blocks:
+        x, pending = block_forward_carried(block, x, pending, attention, add_norm)
+    return x if pending is None else x + pending
 
 
 def frozen_update(x, y, policy):

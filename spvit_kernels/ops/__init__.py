@@ -7,12 +7,15 @@
     varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None) -> out
     policy_attention(q, k, v, policy, eps=1e-6, softmax_scale=None) -> out      (training; differentiable)
     selector_train(S, weights, num_heads, <14 selector weights>) -> (score, prob)  (training; differentiable)
+    add_layer_norm(x, branch, weight, bias, eps=1e-5, out_dtype=None) -> (s, y)  (residual add + LayerNorm;
+                                                                                  differentiable)
 
 `available_backends(name)` lists the backends usable in this process. `simt_schedule(seed)` sets the thread
 order of the `cuda_simt` backends (the CUDA C++ kernels run on the CPU, see spvit_kernels.ops.simt).
 """
 
 from ._registry import available_backends
+from .add_layer_norm import add_layer_norm
 from ._validate import unchecked_seqlens
 from .policy_attention import policy_attention
 from .prune_pack import prune_pack
@@ -22,5 +25,5 @@ from .token_scores import token_scores
 from .varlen_attention import varlen_attention
 from . import _backends  # noqa: F401,E402  (registers the fast backends)
 
-__all__ = ["available_backends", "policy_attention", "prune_pack", "selector_train", "simt_schedule", "token_scores",
+__all__ = ["add_layer_norm", "available_backends", "policy_attention", "prune_pack", "selector_train", "simt_schedule", "token_scores",
            "unchecked_seqlens", "varlen_attention"]

@@ -20,6 +20,9 @@ DEFAULT_ORDER = {
     # selector_train likewise: one backend name for its forward and backward halves.
     "selector_train": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "selector_train_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    # add_layer_norm likewise (its backward reads the forward's statistics).
+    "add_layer_norm": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "add_layer_norm_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
 }
 
 

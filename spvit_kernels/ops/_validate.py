@@ -350,3 +350,60 @@ def selector_train_saved(S, num_heads, tensors):
         check_tensor(t, name, dtypes=(cdt,), device=S.device)
         if tuple(t.shape) != shapes[name]:
             raise ValueError(f"{name} must have shape {shapes[name]}, got {tuple(t.shape)}")
+
+
+# --- add_layer_norm -------------------------------------------------------------------------------
+
+# The Triton kernels hold a row's channels in one tile (spvit_kernels/triton/add_layer_norm.py).
+ADD_LAYER_NORM_MAX_CHANNELS = 8192
+
+
+def _float_dtypes(allow_float64):
+    return TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
+
+
+def add_layer_norm(x, branch, weight, bias, eps, out_dtype, *, allow_float64=False):
+    """Check add_layer_norm's arguments: x (..., C); branch None or x's shape; weight, bias None or (C,);
+    eps a finite float >= 0; out_dtype None or a float dtype. Returns eps as a float."""
+    dtypes = _float_dtypes(allow_float64)
+    check_tensor(x, "x", dtypes=dtypes)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension (the channels), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if C > ADD_LAYER_NORM_MAX_CHANNELS:
+        raise ValueError(f"x: {C} channels; at most {ADD_LAYER_NORM_MAX_CHANNELS} are supported")
+    if branch is not None:
+        check_tensor(branch, "branch", dtypes=dtypes, device=x.device)
+        if branch.shape != x.shape:
+            raise ValueError(f"branch must have the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(t, name, ndim=1, dtypes=dtypes, device=x.device)
+            if t.shape[0] != C:
+                raise ValueError(f"{name} must have shape ({C},) (x's channels), got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if out_dtype is not None and out_dtype not in dtypes:
+        raise TypeError(f"out_dtype must be None or one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}"
+                        f"; got {out_dtype}")
+    return float(eps)
+
+
+def add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, *, allow_float64=False):
+    """Check add_layer_norm's backward: s (..., C) the LayerNorm's input; dy, dsum None or s's shape; mean, rstd
+    (rows,) in the statistics' dtype (float32; float64 for float64 s)."""
+    add_layer_norm(s, None, weight, bias, 0.0, None, allow_float64=allow_float64)
+    for name, t in (("dy", dy), ("dsum", dsum)):
+        if t is not None:
+            check_tensor(t, name, dtypes=_float_dtypes(allow_float64), device=s.device)
+            if t.shape != s.shape:
+                raise ValueError(f"{name} must have the shape of s {tuple(s.shape)}, got {tuple(t.shape)}")
+    rows = s.numel() // s.shape[-1]
+    stat = (torch.float64,) if s.dtype == torch.float64 else (torch.float32,)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        check_tensor(t, name, ndim=1, dtypes=stat, device=s.device)
+        if t.shape[0] != rows:
+            raise ValueError(f"{name} must have shape ({rows},) (one entry per row of s), got {tuple(t.shape)}")
+    for name, dt in (("x_dtype", x_dtype), ("branch_dtype", branch_dtype)):
+        if (dt is not None or name == "x_dtype") and dt not in _float_dtypes(allow_float64):
+            raise TypeError(f"{name} must be a float dtype, got {dt}")
