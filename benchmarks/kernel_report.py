@@ -12,6 +12,9 @@ Rows (spvit_kernels/kernel_report.py explains each column):
                     dtypes, head dims 32 / 64 / 128, sequences of 16, 75 and 197 tokens.
   selector_train    the Triton training-selector kernels (forward per-head and combine, backward combine and
                     per-head) for DeiT-S (C/H 384/6, its first stage's 196 rows) in the three dtypes.
+  add_layer_norm    the Triton residual add + LayerNorm kernels (forward, backward) of the training block under
+                    bf16 autocast (float32 stream, bf16 branch and output) at DeiT-T/S/B widths (192, 384, 768),
+                    and with float16 / float32 streams at DeiT-S's.
   prune_pack        the CUDA C++ kernels of the built extension (--so, default: the imported one; skipped
                     when it was built without CUDA).
 Extra column sass_per_row_head (token_scores' per-head kernel): SASS instructions in its row loops x threads
@@ -107,6 +110,23 @@ def selector_train_rows(dtypes):
     return rows
 
 
+# (x, branch, y dtypes): the training block under bf16 autocast, then a 16-bit and a float32 stream.
+ADD_LN_DTYPES = [(torch.float32, torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16, torch.float16),
+                 (torch.float32, torch.float32, torch.float32)]
+ADD_LN_WIDTHS = [("DeiT-T", 192), ("DeiT-S", 384), ("DeiT-B", 768)]
+
+
+def add_layer_norm_rows(quick):
+    rows = []
+    for arch in ARCHS:
+        for i, dts in enumerate(ADD_LN_DTYPES[:1] if quick else ADD_LN_DTYPES):
+            for model, C in ADD_LN_WIDTHS if i == 0 else ADD_LN_WIDTHS[1:2]:
+                for part in kr.ADD_LAYER_NORM_KERNELS:
+                    stats, _ = kr.add_layer_norm_stats(arch, *dts, C, part)
+                    rows.append(dict(stats.row(), models=model, dtype=_dtype_name(dts[0])))
+    return rows
+
+
 def extension_rows(so_path):
     if so_path is None:
         from spvit_kernels._ext import _C, build_info
@@ -127,7 +147,7 @@ def main():
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     rows = (token_scores_rows(dtypes) + varlen_rows(dtypes) + policy_rows(dtypes) + selector_train_rows(dtypes)
-            + extension_rows(args.so))
+            + add_layer_norm_rows(args.quick) + extension_rows(args.so))
     for r in rows:
         print(f"{r['kernel']:<28} sm_{r['arch']} {r['config'][:70]:<70} regs {r['registers']:>3} "
               f"spill {r['spill_bytes']:>3} smem {r['shared_bytes']:>6} occ {r['occupancy']:.2f} "

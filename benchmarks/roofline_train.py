@@ -6,8 +6,12 @@ No GPU ran any of this. One optimiser step of the paper's recipe on DeiT-T/S/B a
 block: the training form keeps the whole tensor), counted op by op as bytes that must move and FLOPs:
   * GEMMs of the student (forward + backward = 3x the forward FLOPs), of the teacher (forward only), patch
     embedding and head: FLOPs / (tensor peak x --gemm-efficiency), the same for both forms.
-  * LayerNorms, GELU, residual adds: bytes (forward as the inference model, backward twice that), the same for
-    both forms; the AdamW update: 16 bytes read and 12 written per parameter (fp32 weights, grads, moments).
+  * LayerNorms, casts, GELU, residual adds: the bytes each pass reads and writes per token and channel of a
+    block (EAGER_FWD / EAGER_BWD: PyTorch eager under bf16 autocast, the residual stream float32, GEMM outputs
+    bf16, LayerNorm in float32 and its output cast for the next GEMM); the fused form runs each residual add
+    and the LayerNorm reading it as one torch.ops.spvit.add_layer_norm pass (FUSED_FWD / FUSED_BWD), in the
+    student's blocks and in the teacher's, and its attention output needs no transpose copy; GELU and the bias
+    gradients stay PyTorch passes in both. The AdamW update: 16 bytes read and 12 written per parameter.
   * Attention, where the forms differ:
       paper form (vit_l2_3keep_senet.py: scores materialised, the eye-matrix policy, fp32 softmax): its batched
       matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as written, forward (PASSES_FWD)
@@ -56,6 +60,30 @@ PASSES_BWD = [
 SAVED = [("scaled scores", BF16), ("exp", FP32), ("* policy", FP32), ("+ eps / N", FP32), ("probabilities", BF16)]
 EYE_POLICY = 3 * FP32  # attn_policy = policy + (1 - policy) * eye: a (B, 1, N, N) fp32 tensor written, read
 
+# Element-wise passes of one timm block per token and channel (bytes read + written) under bf16 autocast: the
+# residual stream float32 (the position embedding is), GEMM outputs bf16, LayerNorm in float32. PyTorch eager:
+EAGER_FWD = [("norm1: LayerNorm, float32 in and out", 8), ("norm1: cast to bf16 for the qkv GEMM", 6),
+             ("attention output: transpose copy to (B, N, C)", 4), ("residual add 1: float32 + bf16", 10),
+             ("norm2: LayerNorm", 8), ("norm2: cast", 6), ("GELU on the bf16 fc1 output (4C)", 16),
+             ("residual add 2", 10)]
+EAGER_BWD = [("add 2: the branch's gradient cast to bf16", 6), ("fc2 bias gradient (a read)", 2),
+             ("GELU backward: gradient and input in, gradient out (4C)", 24), ("fc1 bias gradient", 8),
+             ("norm2: the cast's backward", 6), ("norm2: LayerNorm backward, input then weight gradients", 20),
+             ("residual gradient accumulated", 12), ("add 1: the branch's gradient cast", 6),
+             ("proj bias gradient", 2), ("attention output: transpose backward", 4), ("norm1: the cast's backward", 6),
+             ("norm1: LayerNorm backward", 20), ("residual gradient accumulated", 12)]
+# The fused form: each `x = x + branch; h = norm(x)` one add_layer_norm pass (read x float32 and the bf16
+# branch, write s float32 and h bf16: 12); backward one pass (read dy bf16, dsum and s float32, write dx float32
+# and dbranch bf16: 16). policy_attention writes (B, N, H, d): no transpose copy in the student.
+FUSED_FWD = [("add_layer_norm x 2", 24), ("GELU (4C)", 16)]
+FUSED_BWD = [("add_layer_norm backward x 2", 32), ("GELU backward (4C)", 24), ("bias gradients: fc1, fc2, proj", 12)]
+FUSED_TEACHER = FUSED_FWD + [("attention output: transpose copy (timm's attention)", 4)]
+# The training forward fuses across the blocks of a segment (between two selectors): each of DeiT's 4 segments
+# ends with a plain add (10 bytes; its backward a cast, 6) and starts with a norm without a branch (6 instead of
+# 12; backward: dx and the residual gradient accumulated, 10 + 12 instead of 16).
+SEGMENTS = 4
+SEGMENT_FWD, SEGMENT_BWD = 10 - 6, 6 + (10 + 12 - 16)
+
 
 def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff):
     d = C // H
@@ -75,9 +103,17 @@ def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff):
             bound=f"tensor x {gemm_eff}")
         row(form, "GEMMs teacher (forward)", gemm / (gpu.tensor_flops * gemm_eff), gflop=gemm / 1e9,
             bound=f"tensor x {gemm_eff}")
-        eltwise = BF16 * T * C * (4 + 16 + 6 + 6) * DEPTH  # LN x2, GELU, residual adds, one forward
-        row(form, "LayerNorms, GELU, residual adds (student 3x, teacher 1x)", 4 * eltwise / gpu.bandwidth,
-            gbytes=4 * eltwise / 1e9, bound="bytes")
+        if form == "paper":
+            parts = [("student forward", EAGER_FWD, 0), ("student backward", EAGER_BWD, 0),
+                     ("teacher forward", EAGER_FWD, 0)]
+        else:
+            parts = [("student forward", FUSED_FWD, SEGMENT_FWD * SEGMENTS),
+                     ("student backward", FUSED_BWD, SEGMENT_BWD * SEGMENTS), ("teacher forward", FUSED_TEACHER, 0)]
+        for what, passes, per_model in parts:
+            per_block = sum(b for _, b in passes)
+            nbytes = T * C * (per_block * DEPTH + per_model)
+            row(form, f"{what}: LayerNorms, casts, GELU, residual adds ({per_block} bytes per token and channel "
+                f"per block)", nbytes / gpu.bandwidth, gbytes=nbytes / 1e9, bound="bytes")
         row(form, "AdamW update", 28 * params / gpu.bandwidth, gbytes=28 * params / 1e9, bound="bytes")
         # the teacher's attention: timm's fused SDPA (forward only), the same in both forms
         t_flops = 4 * B * H * N * N * d * DEPTH

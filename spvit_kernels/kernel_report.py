@@ -340,6 +340,40 @@ def selector_train_stats(arch, dtype, channels, num_heads, seqlen, kernel):
     return triton_stats(name, config, arch, k, meta["num_warps"]), c
 
 
+ADD_LAYER_NORM_KERNELS = {"fwd": "_add_layer_norm_fwd_kernel", "bwd": "_add_layer_norm_bwd_kernel"}
+
+
+@functools.lru_cache(maxsize=None)
+def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part):
+    """One of the Triton add_layer_norm kernels (part: "fwd", "bwd") for a C-channel stream of x_dtype with a
+    branch of branch_dtype and y in out_dtype (the training block under bf16 autocast: float32, bfloat16,
+    bfloat16), affine, in the tile its launcher picks; the backward with the residual path's gradient."""
+    from .triton import add_layer_norm as mod
+
+    meta = mod.launch_meta(channels, backward=part == "bwd")
+    s_dtype = torch.promote_types(x_dtype, branch_dtype)
+    if part == "fwd":
+        ptrs = dict(X=x_dtype, BR=branch_dtype, W=torch.float32, BI=torch.float32, S=s_dtype, Y=out_dtype,
+                    MEAN=torch.float32, RSTD=torch.float32)
+        flags = dict(HAS_BRANCH=True, HAS_W=True, HAS_B=True)
+    else:
+        ptrs = dict(DY=out_dtype, DSUM=s_dtype, S=s_dtype, W=torch.float32, MEAN=torch.float32, RSTD=torch.float32,
+                    DX=x_dtype, DBR=branch_dtype, DW=torch.float32, DB=torch.float32)
+        flags = dict(HAS_DSUM=True, HAS_W=True, HAS_DBR=True, HAS_DW=True, HAS_DB=True)
+    c = dict(flags, BLOCK_R=meta["BLOCK_R"], BLOCK_C=meta["BLOCK_C"])
+    fn = _jit_function(getattr(mod, ADD_LAYER_NORM_KERNELS[part]))
+    types = {a: _TL_PTR[dt] for a, dt in ptrs.items()}
+    types.update({a: "i32" for a in fn.arg_names if a not in types and a not in c and a != "eps"})
+    if part == "fwd":
+        types["eps"] = "fp32"
+    divisible = list(ptrs) + ["C"] * (channels % 16 == 0)
+    k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], 1)
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    config = (f"x {name(x_dtype)} branch {name(branch_dtype)} y {name(out_dtype)} C={channels} "
+              f"BLOCK_R={c['BLOCK_R']} BLOCK_C={c['BLOCK_C']} warps={meta['num_warps']}")
+    return triton_stats(f"add_layer_norm_{part}", config, arch, k, meta["num_warps"]), c
+
+
 @functools.lru_cache(maxsize=None)
 def token_scores_kernels(arch, dtype, channels, num_heads):
     """[(kernel name, compiled kernel, launch meta)] of the Triton token_scores kernels (per-head, combine) as a

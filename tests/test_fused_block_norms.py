@@ -123,3 +123,23 @@ def test_gpu_training_forward_uses_the_fused_norms(monkeypatch):
         gpu = model.cuda()(images.cuda(), gumbel_noise=[n.cuda() for n in noise]).logits
     assert calls
     torch.testing.assert_close(gpu.float().cpu(), cpu, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+def test_teacher_features_through_the_op(backend, monkeypatch):
+    """The dense teacher's forward with the fused norms (the last residual add into the final norm) gives timm's
+    forward_features."""
+    from spvit_kernels.training import teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = _tiny_vit().eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = teacher_outputs(teacher, images)
+        calls = []
+        _through_op(monkeypatch, backend, calls)
+        got = teacher_outputs(teacher, images)
+    assert len(calls) >= 2 * len(teacher.blocks) + 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

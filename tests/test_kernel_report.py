@@ -39,6 +39,10 @@ POLICY_CASES = [("bfloat16", 64, 197), ("float16", 128, 197), ("float32", 64, 19
 POLICY_PARTS = ("fwd", "bwd_kv", "bwd_q")
 # selector_train (training): DeiT-S's selector (C/H 384/6) at its first stage's 196 rows, bf16 and fp32.
 SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196)]
+# add_layer_norm (training): the block's residual add + LayerNorm under bf16 autocast (float32 stream, bf16
+# branch and output) at DeiT-T/S/B widths, and a float16 stream at DeiT-S's.
+ADD_LN_CASES = [("float32", "bfloat16", "bfloat16", C) for C in (192, 384, 768)] + [
+    ("float16", "float16", "float16", 384)]
 ARCHS = (80, 90)
 
 # Register ceilings per kernel (sm_80 / sm_90 alike): below 255 leaves the compiler room before it spills,
@@ -48,7 +52,9 @@ REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_sc
                     # the backward's key-tile kernel (dk, dv accumulators) takes all 255 on sm_80, without spills
                     "policy_attention": 255,
                     # the backward combine (16-bit S: TF32 operands of eight dots per head) takes up to 248
-                    "selector_train": 255}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
+                    "selector_train": 255,
+                    # 80 at every width (8 warps, 8-16 elements of a tile per thread per tensor)
+                    "add_layer_norm": 96}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, DeiT-S bf16, sm_80
 # 2,406 (bf16) / 2,358 (fp16) at 70f1764 (scratch for the first layer's local half, 10-instruction GELU);
@@ -80,6 +86,10 @@ def _collect():
             for kernel in kr.SELECTOR_TRAIN_KERNELS:
                 s, c = kr.selector_train_stats(arch, DTYPES[dt], C, H, M, kernel)
                 out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
+        for xd, bd, od, C in ADD_LN_CASES:
+            for part in kr.ADD_LAYER_NORM_KERNELS:
+                s, c = kr.add_layer_norm_stats(arch, DTYPES[xd], DTYPES[bd], DTYPES[od], C, part)
+                out.append(dict(s.row(), dtype=xd, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
     if build_info()["with_cuda"]:
         out += [dict(s.row(), dtype="", constexprs={}) for s in kr.extension_stats(_C.__file__)]
     return out
@@ -251,3 +261,16 @@ def test_selector_train_kernels(report):
         if r["arch"] == 80:
             need = sum((a // 16) * (b // 8) * (k // 8) for a, b, k in _selector_train_dots(r)) // r["num_warps"]
             assert r["mma"] >= need, f"{_name(r)}: {r['mma']} HMMA < {need}"
+
+
+def test_add_layer_norm_kernels(report):
+    """The fused residual add + LayerNorm: forward and backward compiled for every case, the backward with its row
+    loop, 128-bit loads of the 16-bit and float32 rows, no tensor-core work (it has no dot), and at least a third
+    of the SM's warps resident (a streaming kernel needs bytes in flight, not registers)."""
+    rows = _rows(report, "add_layer_norm")
+    assert len(rows) == len(ARCHS) * len(ADD_LN_CASES) * 2
+    for r in rows:
+        assert r["widest_load_bits"] == 128 and r["mma"] == 0, _name(r)
+        assert r["occupancy"] >= 0.33, _name(r)
+        if r["kernel"].endswith("bwd"):
+            assert r["loops"] >= 1, _name(r)

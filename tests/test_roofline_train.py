@@ -34,6 +34,17 @@ def test_counts(model, C, H):
     paper = [r for r in rows if r["form"] == "paper" and "passes over" in r["op"]][0]
     per_elem = sum(b for _, b in rt.PASSES_FWD) + sum(b for _, b in rt.PASSES_BWD) + rt.EYE_POLICY / H
     assert paper["gbytes"] == pytest.approx(per_elem * 256 * H * 197 * 197 * 12 / 1e9, rel=1e-3)
+    # the element-wise passes: bytes per token and channel per block x T C x 12 blocks (+ the fused form's
+    # segment ends); add_layer_norm cuts the student's and the teacher's
+    elt = {(r["form"], r["op"].split(":")[0]): r["gbytes"] for r in rows if "residual adds" in r["op"]}
+    total = lambda passes: sum(b for _, b in passes)  # noqa: E731
+    assert total(rt.EAGER_FWD) == 68 and total(rt.EAGER_BWD) == 128
+    assert elt[("paper", "student forward")] == pytest.approx(68 * T * C * 12 / 1e9, rel=1e-3)
+    assert elt[("paper", "teacher forward")] == elt[("paper", "student forward")]
+    assert elt[("fused", "student backward")] == pytest.approx(
+        (total(rt.FUSED_BWD) * 12 + rt.SEGMENTS * rt.SEGMENT_BWD) * T * C / 1e9, rel=1e-3)
+    for part in ("student forward", "student backward", "teacher forward"):
+        assert elt[("fused", part)] < 0.7 * elt[("paper", part)], part
     # attention memory kept for backward: O(N^2) against O(N)
     fused = [r for r in rows if r["form"] == "fused" and "policy_attention" in r["op"]][0]
     assert paper["saved_for_backward_gb"] > 20 * fused["saved_for_backward_gb"] > 0

@@ -31,7 +31,9 @@ def teacher_outputs(teacher, images):
     from ..models.lvvit import LVViT
 
     if isinstance(teacher, VisionTransformer):
-        feats = teacher.forward_features(images)
+        feats = _fused_vit_features(teacher, images)
+        if feats is None:
+            feats = teacher.forward_features(images)
         return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
     if isinstance(teacher, PoolingVisionTransformer):
         x = teacher.pos_drop(teacher.patch_embed(images) + teacher.pos_embed)
@@ -48,6 +50,26 @@ def teacher_outputs(teacher, images):
         raise TypeError("teacher must be a timm ViT / PiT, an LVViT, or a module returning (logits, tokens); "
                         f"it returned {type(out).__name__}")
     return tuple(out)
+
+
+def _fused_vit_features(teacher, images):
+    """timm's forward_features with every residual add fused into the LayerNorm that reads it (the last one into
+    the final norm; models/add_norm.py), where the fused op serves the teacher's norms (CUDA with Triton) and its
+    blocks are plain timm Blocks; None elsewhere (the caller runs forward_features)."""
+    from timm.models.vision_transformer import Block
+
+    from ..models import add_norm as fused
+    from ..models.timm_block import block_forward_carried
+
+    probe = images.new_empty((0, teacher.embed_dim))
+    if not hasattr(teacher, "_pos_embed") or any(type(b) is not Block for b in teacher.blocks) \
+            or fused.fused_backend(teacher.blocks[0].norm1, probe) is None:
+        return None
+    x = teacher.norm_pre(teacher.patch_drop(teacher._pos_embed(teacher.patch_embed(images))))
+    pending = None
+    for block in teacher.blocks:
+        x, pending = block_forward_carried(block, x, pending, lambda attn, h: attn(h), fused.add_norm)
+    return fused.add_norm(teacher.norm, x, pending)[1]
 
 
 def _f32(t):

@@ -26,17 +26,18 @@ import triton.language as tl
 
 # Rows x channels held by one program; C above MAX_CHANNELS does not fit a tile (the op's check refuses it).
 TILE_ELEMENTS = 4096
+TILE_ELEMENTS_BWD = 2048
 MAX_CHANNELS = 8192
 # Backward programs: enough to fill an H100 (132 SMs) a few times over, few enough that the (programs, C) float32
 # partial sums stay a small fraction of the row traffic (512 x C x 4 bytes vs rows x C x 14).
 BWD_PROGRAMS = 512
 
 
-def launch_meta(channels):
+def launch_meta(channels, backward=False):
     """Tile sizes and warps for a C-channel LayerNorm (also used by spvit_kernels.kernel_report)."""
     block_c = triton.next_power_of_2(max(channels, 1))
-    block_r = max(1, TILE_ELEMENTS // block_c)
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 2048 else 8)
+    block_r = max(1, (TILE_ELEMENTS_BWD if backward else TILE_ELEMENTS) // block_c)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c < 2048 else 8)
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def add_layer_norm_bwd_triton(dy, dsum, s, weight, bias, mean, rstd, x_dtype, br
     if rows == 0:
         return (dx, dbr, torch.zeros_like(weight) if weight is not None else empty,
                 torch.zeros_like(bias) if bias is not None else empty)
-    meta = launch_meta(C)
+    meta = launch_meta(C, backward=True)
     block_r = meta["BLOCK_R"]
     programs = min(BWD_PROGRAMS, triton.cdiv(rows, block_r))
     rows_per_prog = triton.cdiv(triton.cdiv(rows, programs), block_r) * block_r
