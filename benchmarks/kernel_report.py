@@ -15,6 +15,8 @@ Rows (spvit_kernels/kernel_report.py explains each column):
   add_layer_norm    the Triton residual add + LayerNorm kernels (forward, backward) of the training block under
                     bf16 autocast (float32 stream, bf16 branch and output) at DeiT-T/S/B widths (192, 384, 768),
                     and with float16 / float32 streams at DeiT-S's.
+  gelu_mlp          the Triton GEMMs of the training MLP with GELU in their epilogues (fc1 writing u and gelu(u),
+                    fc2's input gradient times gelu'(u)) in the three dtypes.
   prune_pack        the CUDA C++ kernels of the built extension (--so, default: the imported one; skipped
                     when it was built without CUDA).
 Extra column sass_per_row_head (token_scores' per-head kernel): SASS instructions in its row loops x threads
@@ -127,6 +129,16 @@ def add_layer_norm_rows(quick):
     return rows
 
 
+def gelu_mlp_rows(dtypes):
+    rows = []
+    for arch in ARCHS:
+        for dt in dtypes:
+            for part in kr.GELU_MLP_GEMMS:
+                stats, _ = kr.gelu_mlp_stats(arch, dt, part)
+                rows.append(dict(stats.row(), models="all (any C, F)", dtype=_dtype_name(dt)))
+    return rows
+
+
 def extension_rows(so_path):
     if so_path is None:
         from spvit_kernels._ext import _C, build_info
@@ -147,7 +159,7 @@ def main():
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     rows = (token_scores_rows(dtypes) + varlen_rows(dtypes) + policy_rows(dtypes) + selector_train_rows(dtypes)
-            + add_layer_norm_rows(args.quick) + extension_rows(args.so))
+            + add_layer_norm_rows(args.quick) + gelu_mlp_rows(dtypes) + extension_rows(args.so))
     for r in rows:
         print(f"{r['kernel']:<28} sm_{r['arch']} {r['config'][:70]:<70} regs {r['registers']:>3} "
               f"spill {r['spill_bytes']:>3} smem {r['shared_bytes']:>6} occ {r['occupancy']:.2f} "

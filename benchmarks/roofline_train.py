@@ -10,8 +10,10 @@ block: the training form keeps the whole tensor), counted op by op as bytes that
     block (EAGER_FWD / EAGER_BWD: PyTorch eager under bf16 autocast, the residual stream float32, GEMM outputs
     bf16, LayerNorm in float32 and its output cast for the next GEMM); the fused form runs each residual add
     and the LayerNorm reading it as one torch.ops.spvit.add_layer_norm pass (FUSED_FWD / FUSED_BWD), in the
-    student's blocks and in the teacher's, and its attention output needs no transpose copy; GELU and the bias
-    gradients stay PyTorch passes in both. The AdamW update: 16 bytes read and 12 written per parameter.
+    student's blocks and in the teacher's, GELU in the epilogues of the MLP's GEMMs (torch.ops.spvit.gelu_mlp:
+    fc1 writes u and gelu(u), fc2's input gradient multiplies by gelu'(u); its Triton GEMMs assumed as fast as
+    cuBLAS's), and its attention output needs no transpose copy; the bias gradients stay PyTorch reductions in
+    both. The AdamW update: 16 bytes read and 12 written per parameter.
   * Attention, where the forms differ:
       paper form (vit_l2_3keep_senet.py: scores materialised, the eye-matrix policy, fp32 softmax): its batched
       matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as written, forward (PASSES_FWD)
@@ -74,9 +76,13 @@ EAGER_BWD = [("add 2: the branch's gradient cast to bf16", 6), ("fc2 bias gradie
              ("norm1: LayerNorm backward", 20), ("residual gradient accumulated", 12)]
 # The fused form: each `x = x + branch; h = norm(x)` one add_layer_norm pass (read x float32 and the bf16
 # branch, write s float32 and h bf16: 12); backward one pass (read dy bf16, dsum and s float32, write dx float32
-# and dbranch bf16: 16). policy_attention writes (B, N, H, d): no transpose copy in the student.
-FUSED_FWD = [("add_layer_norm x 2", 24), ("GELU (4C)", 16)]
-FUSED_BWD = [("add_layer_norm backward x 2", 32), ("GELU backward (4C)", 24), ("bias gradients: fc1, fc2, proj", 12)]
+# and dbranch bf16: 16). policy_attention writes (B, N, H, d): no transpose copy in the student. The GEMMs of
+# gelu_mlp (Triton) are assumed to reach the GEMM efficiency of cuBLAS's (not measured).
+# gelu_mlp: fc1's epilogue writes gelu(u) besides u (8: the GELU pass's read of u and its second read are gone),
+# fc2's input-gradient epilogue reads u (8: the GELU-backward pass and the write of dg are gone).
+FUSED_FWD = [("add_layer_norm x 2", 24), ("gelu_mlp: gelu(u) written by fc1's epilogue (4C)", 8)]
+FUSED_BWD = [("add_layer_norm backward x 2", 32), ("gelu_mlp: u read by the input gradient's epilogue (4C)", 8),
+             ("bias gradients: fc1, fc2, proj", 12)]
 FUSED_TEACHER = FUSED_FWD + [("attention output: transpose copy (timm's attention)", 4)]
 # The training forward fuses across the blocks of a segment (between two selectors): each of DeiT's 4 segments
 # ends with a plain add (10 bytes; its backward a cast, 6) and starts with a norm without a branch (6 instead of

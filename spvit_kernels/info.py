@@ -10,7 +10,8 @@ from . import ops
 from ._ext import _C, build_info
 from .version import __version__
 
-OPS = ("token_scores", "prune_pack", "varlen_attention", "policy_attention", "selector_train", "add_layer_norm")
+OPS = ("token_scores", "prune_pack", "varlen_attention", "policy_attention", "selector_train", "add_layer_norm",
+       "gelu_mlp")
 
 
 def find_cuobjdump():

@@ -374,6 +374,34 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
     return triton_stats(f"add_layer_norm_{part}", config, arch, k, meta["num_warps"]), c
 
 
+# The two GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU) and the strides equal to 1 (which a launch specialises)
+# for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
+GELU_MLP_GEMMS = {
+    "fc1": ((True, True, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),        # [u, gelu(u)] = h w1^T + b1
+    "fc2_dgrad": ((False, False, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du = dout w2 * gelu'(u)
+}
+
+
+@functools.lru_cache(maxsize=None)
+def gelu_mlp_stats(arch, dtype, part):
+    """One of gelu_mlp's Triton GEMMs (part: "fc1", "fc2_dgrad"; GELU_MLP_GEMMS) with operands of dtype, in the
+    tiles its launcher picks; sizes and the other strides multiples of 16."""
+    from .triton import gelu_mlp as mod
+
+    meta = mod.launch_meta(dtype)
+    (has_bias, gelu_out, dgelu), unit = GELU_MLP_GEMMS[part]
+    c = dict(meta["constexprs"], HAS_BIAS=has_bias, GELU_OUT=gelu_out, DGELU=dgelu, UPCAST_DOTS=False, **unit)
+    fn = _jit_function(mod._gelu_matmul_kernel)
+    ptr = _TL_PTR[dtype]
+    types = dict(A=ptr, B=ptr, C=ptr, G=ptr, BIAS=ptr, AUX=ptr)
+    types.update({a: "i32" for a in fn.arg_names if a not in types and a not in c})
+    divisible = [a for a in types if a not in c]
+    k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], meta["num_stages"])
+    config = (f"{part} {str(dtype).replace('torch.', '')} BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']} "
+              f"BLOCK_K={c['BLOCK_K']} dots={c['PRECISION']} warps={meta['num_warps']} stages={meta['num_stages']}")
+    return triton_stats(f"gelu_mlp_{part}", config, arch, k, meta["num_warps"]), c
+
+
 @functools.lru_cache(maxsize=None)
 def token_scores_kernels(arch, dtype, channels, num_heads):
     """[(kernel name, compiled kernel, launch meta)] of the Triton token_scores kernels (per-head, combine) as a

@@ -43,6 +43,8 @@ SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196)]
 # branch and output) at DeiT-T/S/B widths, and a float16 stream at DeiT-S's.
 ADD_LN_CASES = [("float32", "bfloat16", "bfloat16", C) for C in (192, 384, 768)] + [
     ("float16", "float16", "float16", 384)]
+# gelu_mlp (training): its two epilogue-fused GEMMs in the three dtypes.
+GELU_MLP_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = (80, 90)
 
 # Register ceilings per kernel (sm_80 / sm_90 alike): below 255 leaves the compiler room before it spills,
@@ -54,7 +56,10 @@ REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_sc
                     # the backward combine (16-bit S: TF32 operands of eight dots per head) takes up to 248
                     "selector_train": 255,
                     # 80 at every width (8 warps, 8-16 elements of a tile per thread per tensor)
-                    "add_layer_norm": 96}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
+                    "add_layer_norm": 96,
+                    # the input-gradient GEMM's epilogue (GELU's derivative on a 128 x 128 float32 tile) takes
+                    # up to 255 at 8 warps, without spills
+                    "gelu_mlp": 255}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, DeiT-S bf16, sm_80
 # 2,406 (bf16) / 2,358 (fp16) at 70f1764 (scratch for the first layer's local half, 10-instruction GELU);
@@ -90,6 +95,10 @@ def _collect():
             for part in kr.ADD_LAYER_NORM_KERNELS:
                 s, c = kr.add_layer_norm_stats(arch, DTYPES[xd], DTYPES[bd], DTYPES[od], C, part)
                 out.append(dict(s.row(), dtype=xd, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
+        for dt in GELU_MLP_DTYPES:
+            for part in kr.GELU_MLP_GEMMS:
+                s, c = kr.gelu_mlp_stats(arch, DTYPES[dt], part)
+                out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
     if build_info()["with_cuda"]:
         out += [dict(s.row(), dtype="", constexprs={}) for s in kr.extension_stats(_C.__file__)]
     return out
@@ -274,3 +283,19 @@ def test_add_layer_norm_kernels(report):
         assert r["occupancy"] >= 0.33, _name(r)
         if r["kernel"].endswith("bwd"):
             assert r["loops"] >= 1, _name(r)
+
+
+def test_gelu_mlp_kernels(report):
+    """The MLP's two epilogue-fused GEMMs: compiled for every dtype with their K loop and 128-bit loads; 16-bit
+    operands on the tensor cores (sm_80: at least the 32 HMMA m16n8k16 a 128 x 128 x 32 step needs per warp of 8;
+    sm_90: warpgroup MMA), float32 (IEEE, PyTorch's default) on FMA; the K loop free of GELU (it is evaluated in
+    the epilogue, once per output element)."""
+    rows = _rows(report, "gelu_mlp")
+    assert len(rows) == len(ARCHS) * len(GELU_MLP_DTYPES) * 2
+    for r in rows:
+        assert r["loops"] >= 1 and r["widest_load_bits"] == 128, _name(r)
+        if r["dtype"] == "float32":
+            assert r["mma"] == 0, _name(r)
+            continue
+        assert r["mma"] >= (32 if r["arch"] == 80 else 1), _name(r)
+        assert r["sass_loop"] < 200, f"{_name(r)}: {r['sass_loop']} instructions in the K loop"

@@ -25,14 +25,15 @@ def attention_output(attn, o, h):
     return attn.proj_drop(attn.proj(o))
 
 
-def block_forward_carried(block, x, pending, attention, add_norm):
+def block_forward_carried(block, x, pending, attention, add_norm, mlp):
     """block_forward with the residual add of the previous block's MLP branch moved into this block's first
     norm, so that each `x = x + branch; h = norm(x)` pair is one `add_norm(norm, x, branch) -> (x, h)` call:
-    x is the residual stream without `pending` (the previous block's MLP branch, None for the first block).
+    x is the residual stream without `pending` (the previous block's MLP branch, None for the first block);
+    `mlp(block.mlp, h)` stands in for block.mlp(h).
     Returns (x + pending + the attention branch, this block's MLP branch): the caller adds the last one."""
     x, h = add_norm(block.norm1, x, pending)
     x, h = add_norm(block.norm2, x, block.drop_path1(block.ls1(attention(block.attn, h))))
-    return x, block.drop_path2(block.ls2(block.mlp(h)))
+    return x, block.drop_path2(block.ls2(mlp(block.mlp, h)))
 
 
 def block_forward(block, x, attention):

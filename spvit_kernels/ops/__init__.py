@@ -9,6 +9,7 @@
     selector_train(S, weights, num_heads, <14 selector weights>) -> (score, prob)  (training; differentiable)
     add_layer_norm(x, branch, weight, bias, eps=1e-5, out_dtype=None) -> (s, y)  (residual add + LayerNorm;
                                                                                   differentiable)
+    gelu_mlp(h, w1, b1, w2, b2) -> out         (a transformer MLP, GELU in the GEMM epilogues; differentiable)
 
 `available_backends(name)` lists the backends usable in this process. `simt_schedule(seed)` sets the thread
 order of the `cuda_simt` backends (the CUDA C++ kernels run on the CPU, see spvit_kernels.ops.simt).
@@ -16,6 +17,7 @@ order of the `cuda_simt` backends (the CUDA C++ kernels run on the CPU, see spvi
 
 from ._registry import available_backends
 from .add_layer_norm import add_layer_norm
+from .gelu_mlp import gelu_mlp
 from ._validate import unchecked_seqlens
 from .policy_attention import policy_attention
 from .prune_pack import prune_pack
@@ -25,5 +27,5 @@ from .token_scores import token_scores
 from .varlen_attention import varlen_attention
 from . import _backends  # noqa: F401,E402  (registers the fast backends)
 
-__all__ = ["add_layer_norm", "available_backends", "policy_attention", "prune_pack", "selector_train", "simt_schedule", "token_scores",
-           "unchecked_seqlens", "varlen_attention"]
+__all__ = ["add_layer_norm", "available_backends", "gelu_mlp", "policy_attention", "prune_pack", "selector_train",
+           "simt_schedule", "token_scores", "unchecked_seqlens", "varlen_attention"]

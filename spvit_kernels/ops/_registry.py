@@ -23,6 +23,8 @@ DEFAULT_ORDER = {
     # add_layer_norm likewise (its backward reads the forward's statistics).
     "add_layer_norm": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "add_layer_norm_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "gelu_mlp": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "gelu_mlp_backward": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
 }
 
 

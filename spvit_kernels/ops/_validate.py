@@ -407,3 +407,39 @@ def add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_
     for name, dt in (("x_dtype", x_dtype), ("branch_dtype", branch_dtype)):
         if (dt is not None or name == "x_dtype") and dt not in _float_dtypes(allow_float64):
             raise TypeError(f"{name} must be a float dtype, got {dt}")
+
+
+# --- gelu_mlp -------------------------------------------------------------------------------------
+
+
+def gelu_mlp(h, w1, b1, w2, b2, *, allow_float64=False):
+    """Check gelu_mlp's arguments: h (M, C), w1 (F, C), b1 None or (F,), w2 (C_out, F), b2 None or (C_out,),
+    float, on h's device."""
+    dtypes = _float_dtypes(allow_float64)
+    check_tensor(h, "h", ndim=2, dtypes=dtypes)
+    if h.shape[1] < 1:
+        raise ValueError(f"h must have at least one channel, got shape {tuple(h.shape)}")
+    check_tensor(w1, "w1", ndim=2, dtypes=dtypes, device=h.device)
+    if w1.shape[1] != h.shape[1] or w1.shape[0] < 1:
+        raise ValueError(f"w1 must have shape (F, {h.shape[1]}) (h's channels), got {tuple(w1.shape)}")
+    check_tensor(w2, "w2", ndim=2, dtypes=dtypes, device=h.device)
+    if w2.shape[1] != w1.shape[0] or w2.shape[0] < 1:
+        raise ValueError(f"w2 must have shape (C_out, {w1.shape[0]}) (w1's rows), got {tuple(w2.shape)}")
+    for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        if b is not None:
+            check_tensor(b, name, ndim=1, dtypes=dtypes, device=h.device)
+            if b.shape[0] != n:
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+
+
+def gelu_mlp_saved(dout, h, u, g, w1, b1, w2, b2, *, allow_float64=False):
+    """Check gelu_mlp's backward: dout (M, C_out); u, g (M, F) in h's dtype."""
+    gelu_mlp(h, w1, b1, w2, b2, allow_float64=allow_float64)
+    M = h.shape[0]
+    check_tensor(dout, "dout", ndim=2, dtypes=_float_dtypes(allow_float64), device=h.device)
+    if tuple(dout.shape) != (M, w2.shape[0]):
+        raise ValueError(f"dout must have shape {(M, w2.shape[0])}, got {tuple(dout.shape)}")
+    for name, t in (("u", u), ("g", g)):
+        check_tensor(t, name, ndim=2, dtypes=(h.dtype,), device=h.device)
+        if tuple(t.shape) != (M, w1.shape[0]):
+            raise ValueError(f"{name} must have shape {(M, w1.shape[0])}, got {tuple(t.shape)}")

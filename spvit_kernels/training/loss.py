@@ -54,11 +54,13 @@ def teacher_outputs(teacher, images):
 
 def _fused_vit_features(teacher, images):
     """timm's forward_features with every residual add fused into the LayerNorm that reads it (the last one into
-    the final norm; models/add_norm.py), where the fused op serves the teacher's norms (CUDA with Triton) and its
-    blocks are plain timm Blocks; None elsewhere (the caller runs forward_features)."""
+    the final norm; models/add_norm.py) and GELU into each MLP's fc2 (models/fused_mlp.py), where the fused op
+    serves the teacher's norms (CUDA with Triton) and its blocks are plain timm Blocks; None elsewhere (the
+    caller runs forward_features)."""
     from timm.models.vision_transformer import Block
 
     from ..models import add_norm as fused
+    from ..models.fused_mlp import mlp_forward
     from ..models.timm_block import block_forward_carried
 
     probe = images.new_empty((0, teacher.embed_dim))
@@ -68,7 +70,7 @@ def _fused_vit_features(teacher, images):
     x = teacher.norm_pre(teacher.patch_drop(teacher._pos_embed(teacher.patch_embed(images))))
     pending = None
     for block in teacher.blocks:
-        x, pending = block_forward_carried(block, x, pending, lambda attn, h: attn(h), fused.add_norm)
+        x, pending = block_forward_carried(block, x, pending, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
     return fused.add_norm(teacher.norm, x, pending)[1]
 
 

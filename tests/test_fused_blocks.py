@@ -1,13 +1,15 @@
-"""The training forward's residual adds fused into the LayerNorms that read them (models/add_norm.py,
-policy_blocks_forward): on CPU the carried-residual loop is bitwise the block-by-block one; through
-torch.ops.spvit.add_layer_norm (Triton under TRITON_INTERPRET=1, or the reference backend) the training forward
-and every parameter's gradient agree with it."""
+"""The training forward's fused blocks (policy_blocks_forward): residual adds fused into the LayerNorms that read
+them (models/add_norm.py) and GELU into the MLP's fc2 (models/fused_mlp.py). On CPU the carried-residual loop is
+bitwise the block-by-block one; through torch.ops.spvit.add_layer_norm and gelu_mlp (Triton under
+TRITON_INTERPRET=1, or the reference backends) the training forward, the teacher's and every parameter's gradient
+agree with it."""
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from spvit_kernels.models import add_norm as add_norm_mod
+from spvit_kernels.models import fused_mlp
 from spvit_kernels.models import from_timm
 from spvit_kernels.models.train_forward import policy_block_forward, policy_blocks_forward
 
@@ -51,14 +53,22 @@ def test_carried_loop_is_bitwise_the_block_loop(drop_path):
         assert torch.equal(a, b)
 
 
-def _through_op(monkeypatch, backend, calls):
-    def fused_backend(norm, x):
+def _through_op(monkeypatch, backend, calls, mlp_calls=None):
+    """Route every LayerNorm through add_layer_norm and every plain GELU MLP through gelu_mlp, on any device."""
+    def norm_backend(norm, x):
         if isinstance(norm, torch.nn.LayerNorm):
             calls.append(norm)
             return backend
         return None
 
-    monkeypatch.setattr(add_norm_mod, "fused_backend", fused_backend)
+    def mlp_backend(mlp, h):
+        if fused_mlp.is_plain_gelu_mlp(mlp):
+            (mlp_calls if mlp_calls is not None else []).append(mlp)
+            return backend
+        return None
+
+    monkeypatch.setattr(add_norm_mod, "fused_backend", norm_backend)
+    monkeypatch.setattr(fused_mlp, "fused_backend", mlp_backend)
 
 
 def _train_outputs(model, images, noise):
@@ -77,10 +87,11 @@ def test_training_forward_through_the_op(backend, monkeypatch):
     images = torch.randn(2, 3, 32, 32)
     noise = [0.3 * torch.randn(2, 64, 2) + torch.tensor([0.5, 0.0]) for _ in range(3)]
     want_out, want_g = _train_outputs(model, images, noise)
-    calls = []
-    _through_op(monkeypatch, backend, calls)
+    calls, mlp_calls = [], []
+    _through_op(monkeypatch, backend, calls, mlp_calls)
     got_out, got_g = _train_outputs(model, images, noise)
     assert len(calls) == 2 * len(model.vit.blocks)  # both norms of every block
+    assert len(mlp_calls) == len(model.vit.blocks)
     for a, b in zip(got_out, want_out):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     for a, b in zip(got_g, want_g):
@@ -99,21 +110,37 @@ def test_compiled_training_forward_through_the_op(monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-def test_fused_backend_only_on_cuda_layer_norms():
+def test_fused_backends_only_on_cuda():
     norm = torch.nn.LayerNorm(8)
     assert add_norm_mod.fused_backend(norm, torch.zeros(2, 8)) is None  # CPU: the PyTorch calls
     assert add_norm_mod.fused_backend(torch.nn.Identity(), torch.zeros(2, 8)) is None
+    assert fused_mlp.fused_backend(_tiny_vit().blocks[0].mlp, torch.zeros(2, 64)) is None
+
+
+def test_plain_gelu_mlp():
+    """Only fc1 -> exact GELU -> fc2 with nothing else acting is fused: not the tanh GELU, an active dropout,
+    a norm between the linears, or another activation."""
+    from timm.layers import Mlp
+
+    assert fused_mlp.is_plain_gelu_mlp(Mlp(8, 32))
+    assert fused_mlp.is_plain_gelu_mlp(Mlp(8, 32, drop=0.1).eval())
+    assert not fused_mlp.is_plain_gelu_mlp(Mlp(8, 32, drop=0.1).train())
+    assert not fused_mlp.is_plain_gelu_mlp(Mlp(8, 32, act_layer=lambda: torch.nn.GELU(approximate="tanh")))
+    assert not fused_mlp.is_plain_gelu_mlp(Mlp(8, 32, act_layer=torch.nn.ReLU))
+    assert not fused_mlp.is_plain_gelu_mlp(Mlp(8, 32, norm_layer=torch.nn.LayerNorm))
+    assert not fused_mlp.is_plain_gelu_mlp(torch.nn.Linear(8, 8))
 
 
 @requires_gpu
-def test_gpu_training_forward_uses_the_fused_norms(monkeypatch):
-    """On a GPU, under bf16 autocast, the training forward's norms go through the op and agree with the CPU
+def test_gpu_training_forward_uses_the_fused_ops(monkeypatch):
+    """On a GPU, under bf16 autocast, the training forward's norms and MLPs go through the ops and agree with the CPU
     float32 form to bf16 accuracy."""
     from spvit_kernels import ops
 
-    calls = []
-    real = ops.add_layer_norm
+    calls, mlp_calls = [], []
+    real, real_mlp = ops.add_layer_norm, ops.gelu_mlp
     monkeypatch.setattr("spvit_kernels.ops.add_layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("spvit_kernels.ops.gelu_mlp", lambda *a, **k: mlp_calls.append(1) or real_mlp(*a, **k))
     torch.manual_seed(0)
     model = from_timm(_tiny_vit(), selector_layers=(1, 2, 3)).train()
     images = torch.randn(2, 3, 32, 32)
@@ -121,7 +148,7 @@ def test_gpu_training_forward_uses_the_fused_norms(monkeypatch):
     cpu = model(images, gumbel_noise=noise).logits
     with torch.autocast("cuda", dtype=torch.bfloat16):
         gpu = model.cuda()(images.cuda(), gumbel_noise=[n.cuda() for n in noise]).logits
-    assert calls
+    assert calls and mlp_calls
     torch.testing.assert_close(gpu.float().cpu(), cpu, atol=5e-2, rtol=5e-2)
 
 
@@ -137,9 +164,9 @@ def test_teacher_features_through_the_op(backend, monkeypatch):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = teacher_outputs(teacher, images)
-        calls = []
-        _through_op(monkeypatch, backend, calls)
+        calls, mlp_calls = [], []
+        _through_op(monkeypatch, backend, calls, mlp_calls)
         got = teacher_outputs(teacher, images)
-    assert len(calls) >= 2 * len(teacher.blocks) + 1
+    assert len(calls) >= 2 * len(teacher.blocks) + 1 and len(mlp_calls) == len(teacher.blocks)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,49 @@
+"""A transformer MLP, fc2(gelu(fc1(h))), in PyTorch: the "reference" backend of torch.ops.spvit.gelu_mlp_{fwd,bwd}.
+
+    u = h @ w1^T + b1,  g = gelu(u),  out = g @ w2^T + b2       gelu the exact (erf) GELU
+    du = (dout @ w2) * gelu'(u),  gelu'(x) = Phi(x) + x phi(x)
+    dw2 = dout^T g,  db2 = sum_rows dout,  dw1 = du^T h,  db1 = sum_rows du,  dh = du @ w1
+
+In h's dtype throughout, weights and biases rounded to it, as PyTorch's autocast runs the MLP; gelu'(u) and the
+bias sums are computed in float32 (float64 for float64 h); weight and bias gradients return in their dtypes.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gelu_grad", "gelu_mlp_bwd_reference", "gelu_mlp_fwd_reference"]
+
+
+def gelu_grad(x):
+    """The derivative of the exact GELU, elementwise, in x's dtype."""
+    return 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2)))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def gelu_mlp_fwd_reference(h, w1, b1, w2, b2):
+    """h (M, C) -> (out (M, C_out), u (M, F), g (M, F)), all in h's dtype."""
+    dt = h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        u = F.linear(h, w1.to(dt), _cast(b1, dt))
+        g = F.gelu(u)
+        return F.linear(g, w2.to(dt), _cast(b2, dt)), u, g
+
+
+def _bias_grad(d, bias, acc):
+    return d.to(acc).sum(dim=0).to(bias.dtype) if bias is not None else d.new_empty((0,))
+
+
+def gelu_mlp_bwd_reference(dout, h, u, g, w1, b1, w2, b2):
+    """-> (dh (M, C), dw1, db1, dw2, db2); db1 / db2 (0,) for absent biases."""
+    dt = h.dtype
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    with torch.autocast(h.device.type, enabled=False):
+        d = dout.to(dt)
+        du = ((d @ w2.to(dt)).to(acc) * gelu_grad(u.to(acc))).to(dt)
+        return (du @ w1.to(dt), (du.t() @ h).to(w1.dtype), _bias_grad(du, b1, acc), (d.t() @ g).to(w2.dtype),
+                _bias_grad(d, b2, acc))

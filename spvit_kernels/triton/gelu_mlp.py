@@ -1,0 +1,168 @@
+"""Triton GEMMs with GELU in their epilogues: a transformer MLP, fc2(gelu(fc1(h))), forward and backward.
+
+    out, u, g = gelu_mlp_fwd_triton(h, w1, b1, w2, b2)
+    dh, dw1, db1, dw2, db2 = gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2)
+
+    h:        (M, C) float32 / float16 / bfloat16 contiguous (the tokens, normed).
+    w1 (F, C), b1 (F,) or None, w2 (C_out, F), b2 (C_out,) or None: any float dtype, rounded to h's dtype for
+              the products (as autocast casts them); their gradients come back in their own dtypes.
+    u, g:     (M, F) in h's dtype: fc1's output and gelu(u), kept for backward.
+    out:      (M, C_out) in h's dtype.
+
+gelu is the exact (erf) GELU of torch.nn.GELU(); the formulas: spvit_kernels/reference/gelu_mlp.py.
+
+Why: PyTorch runs the MLP with a GELU pass between the linears (read u, write g: 4 bytes per hidden element in
+bf16) and, backward, a GELU-backward pass (read dg and u, write du: 6 bytes). Here
+    fc1       [u, g] = h @ w1^T + b1, gelu   one GEMM whose epilogue adds the bias, rounds u to h's dtype and
+                                             writes both u and gelu(u) (2 bytes more than u alone, 2 fewer than
+                                             the GELU pass);
+    fc2 grad  du = (dout @ w2) * gelu'(u)    one GEMM whose epilogue reads u's tile and multiplies by GELU's
+                                             derivative: neither dg nor the GELU-backward pass exists.
+The other products (out = g @ w2^T + b2, dw2 = dout^T g, dw1 = du^T h, dh = du @ w1) are PyTorch GEMMs
+(cuBLAS on a GPU), and the bias gradients PyTorch reductions, as in the unfused MLP.
+
+GELU is evaluated once per element of u (forward) and of du (backward), in the epilogue, never on an operand
+tile: an operand is read by every program along the other output dimension, so a prologue would evaluate it
+N / BLOCK_N times (and the kernel report showed its erf alone out-issuing the tensor cores about 9 to 1).
+
+Tiles: 16-bit operands 128 x 128 x 32 with 8 warps and 3 pipeline stages, grouped program order for L2 reuse
+(GROUP_M tiles of M share each B panel); float32 64 x 64 x 32 with 4 warps (IEEE dots on the CUDA cores, as
+PyTorch's default matmul; TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1
+with 16-bit operands the operands are upcast to float32 before the dot (UPCAST_DOTS: the interpreter's bfloat16
+dot multiplies raw bits, see varlen_attention.py); the products are the same.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_support import interpret_mode
+from .varlen_attention import _dot_precision
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(x):
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+@triton.jit
+def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, M, N, K,
+                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                        HAS_BIAS: tl.constexpr, GELU_OUT: tl.constexpr, DGELU: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C (M, N) = A (M, K) @ B (K, N) [+ BIAS (N,)], float32 accumulation; GELU_OUT: also G = gelu(C as stored);
+    DGELU: C = that product * gelu'(AUX) (AUX, G: C's strides)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST_DOTS:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    if DGELU:
+        acc = acc * _gelu_grad(tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32))
+    out = acc.to(C.dtype.element_ty)
+    tl.store(C + offs, out, mask=mask)
+    if GELU_OUT:  # from u as stored (rounded), as PyTorch's GELU reads it
+        tl.store(G + offs, _gelu(out.to(tl.float32)).to(G.dtype.element_ty), mask=mask)
+
+
+def launch_meta(dtype, *, interpret=False):
+    """Tiles, warps and stages for operands of `dtype` (also used by spvit_kernels.kernel_report)."""
+    if dtype == torch.float32:
+        c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+        warps, stages = 4, 3
+    else:
+        c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)
+        warps, stages = 8, 3
+    c.update(PRECISION=_dot_precision(dtype), UPCAST_DOTS=interpret and dtype != torch.float32)
+    return dict(constexprs=c, num_warps=warps, num_stages=stages)
+
+
+def _matmul(a, b, out, *, bias=None, gelu_out=None, aux=None):
+    """out (M, N) = a (M, K) @ b (K, N) [+ bias]; gelu_out: also gelu(out) into it; aux: out *= gelu'(aux).
+    a, b any strides; out, gelu_out, aux contiguous (M, N)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    meta = launch_meta(a.dtype, interpret=interpret_mode())
+    c = meta["constexprs"]
+    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    _gelu_matmul_kernel[grid](
+        a, b, out, gelu_out if gelu_out is not None else out, bias if bias is not None else out,
+        aux if aux is not None else out, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, GELU_OUT=gelu_out is not None, DGELU=aux is not None,
+        num_warps=meta["num_warps"], num_stages=meta["num_stages"], **c)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def _no_autocast(fn):
+    """The backends' PyTorch products run in h's dtype whatever autocast state the caller has."""
+    def run(h_or_dout, *args):
+        with torch.autocast(h_or_dout.device.type, enabled=False):
+            return fn(h_or_dout, *args)
+
+    return run
+
+
+@_no_autocast
+def gelu_mlp_fwd_triton(h, w1, b1, w2, b2):
+    dt = h.dtype
+    M, F = h.shape[0], w1.shape[0]
+    u = torch.empty((M, F), dtype=dt, device=h.device)
+    g = torch.empty_like(u)
+    _matmul(h, w1.to(dt).t(), u, bias=_cast(b1, dt), gelu_out=g)
+    out = torch.nn.functional.linear(g, w2.to(dt), _cast(b2, dt))
+    return out, u, g
+
+
+def _bias_grad(d, bias):
+    return d.sum(dim=0, dtype=torch.float32).to(bias.dtype) if bias is not None else d.new_empty((0,))
+
+
+@_no_autocast
+def gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2):
+    dt = h.dtype
+    d = dout.to(dt)
+    w1c, w2c = w1.to(dt), w2.to(dt)
+    du = torch.empty_like(u)
+    _matmul(d, w2c, du, aux=u)  # (M, C_out) @ (C_out, F), times gelu'(u)
+    dw2 = (d.t() @ g).to(w2.dtype)
+    dw1 = (du.t() @ h).to(w1.dtype)
+    dh = du @ w1c
+    return dh, dw1, _bias_grad(du, b1), dw2, _bias_grad(d, b2)
