@@ -170,3 +170,35 @@ def test_teacher_features_through_the_op(backend, monkeypatch):
     assert len(calls) >= 2 * len(teacher.blocks) + 1 and len(mlp_calls) == len(teacher.blocks)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_kernels_switch():
+    from spvit_kernels import _fusion
+    from spvit_kernels.training import fused_kernels
+
+    assert _fusion.fused_kernels_enabled()
+    with fused_kernels(False):
+        assert not _fusion.fused_kernels_enabled()
+        with fused_kernels(True):
+            assert _fusion.fused_kernels_enabled()
+        assert not _fusion.fused_kernels_enabled()
+    with pytest.raises(RuntimeError), fused_kernels(False):
+        raise RuntimeError("restored on the way out")
+    assert _fusion.fused_kernels_enabled()
+    with pytest.raises(TypeError, match="enabled must be a bool"), fused_kernels(0):
+        pass
+
+
+@requires_gpu
+def test_gpu_fused_kernels_off_runs_the_pytorch_forms(monkeypatch):
+    from spvit_kernels import ops
+    from spvit_kernels.training import fused_kernels
+
+    calls = []
+    for name in ("add_layer_norm", "gelu_mlp", "policy_attention", "selector_train"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(f"spvit_kernels.ops.{name}", lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    model = from_timm(_tiny_vit(), selector_layers=(1, 2, 3)).train().cuda()
+    with fused_kernels(False):
+        model(torch.randn(2, 3, 32, 32, device="cuda"))
+    assert not calls

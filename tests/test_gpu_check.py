@@ -28,7 +28,7 @@ def test_plan_fits_the_budget_and_names_real_flags():
     plan = json.loads(proc.stdout)
     names = [s["step"] for s in plan["steps"]]
     assert names == ["install", "gpu tests", "ops: token_scores", "ops: prune_pack", "ops: varlen_attention",
-                     "end to end"]
+                     "end to end", "train step"]
     assert sum(s["budget_s"] for s in plan["steps"]) <= plan["budget_s"] == 480
     assert "--no-build-isolation --no-deps -e ." in plan["steps"][0]["command"]
     assert "-m gpu" in plan["steps"][1]["command"]

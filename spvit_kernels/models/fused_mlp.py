@@ -8,6 +8,7 @@ it runs in the autocast dtype (h cast to it, as fc1 would cast it). Everywhere e
 import torch
 from torch import nn
 
+from .._fusion import fused_kernels_enabled
 from .._triton_support import triton_device_types
 
 
@@ -17,7 +18,8 @@ def _inactive(drop, training):
 
 def fused_backend(mlp, h):
     """The gelu_linear backend serving `mlp` on h, or None for `mlp(h)` (tests may replace this)."""
-    if not h.is_cuda or h.dtype == torch.float64 or "cuda" not in triton_device_types():
+    if not h.is_cuda or h.dtype == torch.float64 or not fused_kernels_enabled() \
+            or "cuda" not in triton_device_types():
         return None
     return "triton" if is_plain_gelu_mlp(mlp) else None
 

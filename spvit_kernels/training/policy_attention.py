@@ -18,6 +18,7 @@ paper form keeps several). `policy_attention_reference` is the paper code's form
 
 import torch
 
+from .._fusion import fused_kernels_enabled
 from ..reference.policy_attention import backward_math, forward_math
 from ..reference.policy_attention import policy_attention_eye as policy_attention_reference
 
@@ -41,7 +42,7 @@ class _PolicyAttention(torch.autograd.Function):
 
 def _use_op(q):
     """Whether the fused op serves this call: CUDA tensors, Triton present, a head dim its kernels take."""
-    if not q.is_cuda:
+    if not q.is_cuda or not fused_kernels_enabled():
         return False
     from ..ops import available_backends
     from ..ops._validate import POLICY_HEAD_DIMS

@@ -1,0 +1,25 @@
+"""One switch for the training forward's fused GPU kernels (policy_attention, selector_train, add_layer_norm,
+gelu_mlp): on by default; `fused_kernels(False)` runs the library's PyTorch forms instead, e.g. to compare them
+on one GPU. A module global, not thread-local, so torch.compile guards on it."""
+
+import contextlib
+
+_ENABLED = True
+
+
+def fused_kernels_enabled():
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled=True):
+    """Within the block, the training forward uses its fused GPU kernels (enabled=True, the default outside any
+    block) or the PyTorch forms of the same computations (enabled=False). Restores the previous state on exit."""
+    global _ENABLED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _ENABLED = _ENABLED, enabled
+    try:
+        yield
+    finally:
+        _ENABLED = previous
