@@ -25,6 +25,18 @@ def register_dispatch(op, check):
     torch.library.impl(f"spvit::{op}", ["CPU", "CUDA"], kernel)
 
 
+def register_backend_kernel(schema, op, check, tensor_arg=0):
+    """Install for schema's CPU and CUDA keys: `check(*args)` (it raises on bad input and returns the backend's
+    args), then the default backend of `op` for the device of args[tensor_arg]. For the two-halves training ops
+    (forward / backward schemas whose checks never read tensor values)."""
+
+    def kernel(*args):
+        return _registry.resolve(op, None, args[tensor_arg].device).fn(*check(*args))
+
+    kernel.__name__ = f"{op}_dispatch"
+    torch.library.impl(schema, ["CPU", "CUDA"], kernel)
+
+
 def _number_args(op):
     """{position: (name, "int" / "float")} of the int / float (optional or not) arguments of op's schema."""
     found = {}

@@ -52,16 +52,9 @@ def _check_bwd(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, *, 
             mean.contiguous(), rstd.contiguous(), x_dtype, branch_dtype)
 
 
-def _kernel(op, check):
-    def kernel(*args):
-        return _registry.resolve(op, None, args[0].device if torch.is_tensor(args[0]) else args[2].device) \
-            .fn(*check(*args))
-
-    return kernel
-
-
-torch.library.impl("spvit::add_layer_norm_fwd", ["CPU", "CUDA"], _kernel(FWD, _check_fwd))
-torch.library.impl("spvit::add_layer_norm_bwd", ["CPU", "CUDA"], _kernel(BWD, _check_bwd))
+_library.register_backend_kernel("spvit::add_layer_norm_fwd", FWD, _check_fwd)
+# (the backward's first argument, dy, may be None: the device is s's)
+_library.register_backend_kernel("spvit::add_layer_norm_bwd", BWD, _check_bwd, tensor_arg=2)
 
 
 def _stat_dtype(t):

@@ -15,7 +15,7 @@ import torch
 from .._triton_support import triton_device_types
 from ..reference.gelu_mlp import gelu_mlp_bwd_reference, gelu_mlp_fwd_reference
 from .._ext import _C  # noqa: F401  (loads the schemas)
-from . import _registry, _validate
+from . import _library, _registry, _validate
 
 FWD, BWD = "gelu_mlp", "gelu_mlp_backward"
 _ANY_DEVICE = lambda: {"cpu", "cuda"}  # noqa: E731
@@ -48,15 +48,8 @@ def _check_bwd(dout, h, u, g, w1, b1, w2, b2, *, allow_float64=False):
     return dout.contiguous(), h.contiguous(), u.contiguous(), g.contiguous(), w1, b1, w2, b2
 
 
-def _kernel(op, check):
-    def kernel(*args):
-        return _registry.resolve(op, None, args[0].device).fn(*check(*args))
-
-    return kernel
-
-
-torch.library.impl("spvit::gelu_mlp_fwd", ["CPU", "CUDA"], _kernel(FWD, _check_fwd))
-torch.library.impl("spvit::gelu_mlp_bwd", ["CPU", "CUDA"], _kernel(BWD, _check_bwd))
+_library.register_backend_kernel("spvit::gelu_mlp_fwd", FWD, _check_fwd)
+_library.register_backend_kernel("spvit::gelu_mlp_bwd", BWD, _check_bwd)
 
 
 @torch.library.register_fake("spvit::gelu_mlp_fwd")

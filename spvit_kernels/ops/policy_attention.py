@@ -52,15 +52,8 @@ def _check_bwd(dout, q, k, v, policy, out, row_max, denom, eps, softmax_scale, *
     return dout.contiguous(), q, k, v, policy, out, row_max.contiguous(), denom.contiguous(), eps, scale
 
 
-def _kernel(op, check):
-    def kernel(*args):
-        return _registry.resolve(op, None, args[0].device).fn(*check(*args))
-
-    return kernel
-
-
-torch.library.impl("spvit::policy_attention_fwd", ["CPU", "CUDA"], _kernel(FWD, _check_fwd))
-torch.library.impl("spvit::policy_attention_bwd", ["CPU", "CUDA"], _kernel(BWD, _check_bwd))
+_library.register_backend_kernel("spvit::policy_attention_fwd", FWD, _check_fwd)
+_library.register_backend_kernel("spvit::policy_attention_bwd", BWD, _check_bwd)
 
 
 @torch.library.register_fake("spvit::policy_attention_fwd")
