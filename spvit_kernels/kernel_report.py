@@ -397,8 +397,9 @@ def gelu_mlp_stats(arch, dtype, part):
     types.update({a: "i32" for a in fn.arg_names if a not in types and a not in c})
     divisible = [a for a in types if a not in c]
     k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], meta["num_stages"])
+    dots = c["PRECISION"] if dtype == torch.float32 else "16-bit"  # PRECISION only matters for float32 operands
     config = (f"{part} {str(dtype).replace('torch.', '')} BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']} "
-              f"BLOCK_K={c['BLOCK_K']} dots={c['PRECISION']} warps={meta['num_warps']} stages={meta['num_stages']}")
+              f"BLOCK_K={c['BLOCK_K']} dots={dots} warps={meta['num_warps']} stages={meta['num_stages']}")
     return triton_stats(f"gelu_mlp_{part}", config, arch, k, meta["num_warps"]), c
 
 

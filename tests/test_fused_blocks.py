@@ -202,3 +202,28 @@ def test_gpu_fused_kernels_off_runs_the_pytorch_forms(monkeypatch):
     with fused_kernels(False):
         model(torch.randn(2, 3, 32, 32, device="cuda"))
     assert not calls
+
+
+@pytest.mark.parametrize("name", ["spvit_lvvit_s", "spvit_pit_ti"])
+def test_frozen_families_through_the_ops(name, monkeypatch):
+    """LV-ViT and PiT (a dropped row keeps its value, block by block) use the fused norms and MLPs inside each
+    block: the training forward and every gradient agree with the PyTorch form."""
+    from spvit_kernels.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).train()
+    for m in model.modules():  # train-mode BatchNorm (LV-ViT's stem) would see two different batches' statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    images = torch.randn(1, 3, 224, 224)
+    torch.manual_seed(1)  # the same Gumbel noise in both runs
+    want_out, want_g = _train_outputs(model, images, None)
+    calls, mlp_calls = [], []
+    _through_op(monkeypatch, "reference", calls, mlp_calls)
+    torch.manual_seed(1)
+    got_out, got_g = _train_outputs(model, images, None)
+    assert calls and mlp_calls
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -42,8 +42,7 @@ from .config import make_config, split_config_kwargs
 from .decision import keep_decision, pool_package
 from .masked_block import attention_bias, masked_block_forward
 from .selector import TokenSelector
-from .train_forward import (TrainOutput, check_gumbel_noise, frozen_update, gumbel_keep, policy_block_forward,
-                            policy_blocks_forward,
+from .train_forward import (TrainOutput, check_gumbel_noise, frozen_update, gumbel_keep, policy_blocks_forward,
                             pool_package_train, stage_policy)
 
 
@@ -298,7 +297,7 @@ class SPViT(nn.Module):
         if not self.freeze_dropped:
             return policy_blocks_forward(blocks, x, policy, eps)
         for block in blocks:  # a dropped row keeps its value: every block's output is needed whole
-            x = frozen_update(x, policy_block_forward(block, x, policy, eps), policy)
+            x = frozen_update(x, policy_blocks_forward([block], x, policy, eps), policy)
         return x
 
     def _train_stage(self, stage, x, m_prev, P, noise):
