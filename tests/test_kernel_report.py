@@ -57,9 +57,8 @@ REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_sc
                     "selector_train": 255,
                     # 80 at every width (8 warps, 8-16 elements of a tile per thread per tensor)
                     "add_layer_norm": 96,
-                    # the input-gradient GEMM's epilogue (GELU's derivative on a 128 x 128 float32 tile) takes
-                    # up to 255 at 8 warps, without spills
-                    "gelu_mlp": 255}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
+                    # 16-bit: <= 117 (two blocks per SM); float32 (64 x 64 tiles, IEEE FMA) up to 222
+                    "gelu_mlp": 232}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, DeiT-S bf16, sm_80
 # 2,406 (bf16) / 2,358 (fp16) at 70f1764 (scratch for the first layer's local half, 10-instruction GELU);
@@ -287,9 +286,10 @@ def test_add_layer_norm_kernels(report):
 
 def test_gelu_mlp_kernels(report):
     """The MLP's two epilogue-fused GEMMs: compiled for every dtype with their K loop and 128-bit loads; 16-bit
-    operands on the tensor cores (sm_80: at least the 32 HMMA m16n8k16 a 128 x 128 x 32 step needs per warp of 8;
-    sm_90: warpgroup MMA), float32 (IEEE, PyTorch's default) on FMA; the K loop free of GELU (it is evaluated in
-    the epilogue, once per output element)."""
+    operands on the tensor cores (sm_80: at least the 16 HMMA m16n8k16 a 128 x 64 x 32 step needs per warp of 8;
+    sm_90: warpgroup MMA) with two or more blocks per SM (one block's GELU epilogue can overlap another's main
+    loop), float32 (IEEE, PyTorch's default) on FMA; the K loop free of GELU (it is evaluated in the epilogue,
+    once per output element)."""
     rows = _rows(report, "gelu_mlp")
     assert len(rows) == len(ARCHS) * len(GELU_MLP_DTYPES) * 2
     for r in rows:
@@ -297,5 +297,6 @@ def test_gelu_mlp_kernels(report):
         if r["dtype"] == "float32":
             assert r["mma"] == 0, _name(r)
             continue
-        assert r["mma"] >= (32 if r["arch"] == 80 else 1), _name(r)
+        assert r["mma"] >= (16 if r["arch"] == 80 else 1), _name(r)
+        assert r["blocks_per_sm"] >= 2, _name(r)
         assert r["sass_loop"] < 200, f"{_name(r)}: {r['sass_loop']} instructions in the K loop"

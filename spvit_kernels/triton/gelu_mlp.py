@@ -23,10 +23,15 @@ The other products (out = g @ w2^T + b2, dw2 = dout^T g, dw1 = du^T h, dh = du @
 
 GELU is evaluated once per element of u (forward) and of du (backward), in the epilogue, never on an operand
 tile: an operand is read by every program along the other output dimension, so a prologue would evaluate it
-N / BLOCK_N times (and the kernel report showed its erf alone out-issuing the tensor cores about 9 to 1).
+N / BLOCK_N times (and the kernel report showed its erf alone out-issuing the tensor cores about 9 to 1). Even
+in the epilogue the GELU is not free: with K = C = 384 (DeiT-S) a 128 x 128 tile runs only 12 K steps, and
+libdevice's erf (~30 instructions per element) made the epilogue about as long as the main loop. 16-bit outputs
+therefore use the exp2-polynomial GELU and derivative of spvit_kernels/triton/gelu.py (errors <= 1e-6 and 1.3e-5,
+below the 16-bit rounding of u, gelu(u) and du; POLY_GELU); float32 keeps the exact erf form.
 
-Tiles: 16-bit operands 128 x 128 x 32 with 8 warps and 3 pipeline stages, grouped program order for L2 reuse
-(GROUP_M tiles of M share each B panel); float32 64 x 64 x 32 with 4 warps (IEEE dots on the CUDA cores, as
+Tiles: 16-bit operands 128 x 64 x 32 with 8 warps and 3 pipeline stages, grouped program order for L2 reuse
+(GROUP_M tiles of M share each B panel): at most 117 registers (128 x 128 tiles took 170-187 on sm_80, one block
+per SM), so a second block's K loop can keep the tensor cores busy while one block runs its epilogue; float32 64 x 64 x 32 with 4 warps (IEEE dots on the CUDA cores, as
 PyTorch's default matmul; TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1
 with 16-bit operands the operands are upcast to float32 before the dot (UPCAST_DOTS: the interpreter's bfloat16
 dot multiplies raw bits, see varlen_attention.py); the products are the same.
@@ -37,24 +42,28 @@ import triton
 import triton.language as tl
 
 from .._triton_support import interpret_mode
+from .gelu import gelu_erf, gelu_erf_and_grad, gelu_poly, gelu_poly_grad
 from .varlen_attention import _dot_precision
 
 
 @triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+def _gelu(x, POLY: tl.constexpr):
+    if POLY:
+        return gelu_poly(x, False)
+    return gelu_erf(x)
 
 
 @triton.jit
-def _gelu_grad(x):
-    # d/dx x Phi(x) = Phi(x) + x phi(x)
-    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+def _gelu_grad(x, POLY: tl.constexpr):
+    if POLY:
+        return gelu_poly_grad(x)
+    return gelu_erf_and_grad(x)[1]
 
 
 @triton.jit
 def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, M, N, K,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                        HAS_BIAS: tl.constexpr, GELU_OUT: tl.constexpr, DGELU: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, GELU_OUT: tl.constexpr, DGELU: tl.constexpr, POLY_GELU: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C (M, N) = A (M, K) @ B (K, N) [+ BIAS (N,)], float32 accumulation; GELU_OUT: also G = gelu(C as stored);
@@ -90,11 +99,11 @@ def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, M, N, K,
     mask = m_ok[:, None] & n_ok[None, :]
     offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
     if DGELU:
-        acc = acc * _gelu_grad(tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32))
+        acc = acc * _gelu_grad(tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32), POLY_GELU)
     out = acc.to(C.dtype.element_ty)
     tl.store(C + offs, out, mask=mask)
     if GELU_OUT:  # from u as stored (rounded), as PyTorch's GELU reads it
-        tl.store(G + offs, _gelu(out.to(tl.float32)).to(G.dtype.element_ty), mask=mask)
+        tl.store(G + offs, _gelu(out.to(tl.float32), POLY_GELU).to(G.dtype.element_ty), mask=mask)
 
 
 def launch_meta(dtype, *, interpret=False):
@@ -102,10 +111,11 @@ def launch_meta(dtype, *, interpret=False):
     if dtype == torch.float32:
         c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         warps, stages = 4, 3
-    else:
-        c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)
+    else:  # 128 x 64: <= 117 registers, so two blocks per SM on sm_80 (three or four on sm_90)
+        c = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         warps, stages = 8, 3
-    c.update(PRECISION=_dot_precision(dtype), UPCAST_DOTS=interpret and dtype != torch.float32)
+    c.update(PRECISION=_dot_precision(dtype), UPCAST_DOTS=interpret and dtype != torch.float32,
+             POLY_GELU=dtype != torch.float32)
     return dict(constexprs=c, num_warps=warps, num_stages=stages)
 
 

@@ -37,24 +37,14 @@ import triton
 import triton.language as tl
 
 from ..ops._validate import SELECTOR_TRAIN_TRITON_HEAD_DIMS
+from .gelu import gelu_erf, gelu_erf_and_grad
 from .varlen_attention import _dot_precision
 
 _TINY = torch.finfo(torch.float32).tiny  # the global mean's denominator floor, as float32 train_scores clamps it
 
 
-# The exact GELU x Phi(x) through libdevice's erf, as F.gelu (the training form's reference); 1 / sqrt 2 and
-# 1 / sqrt(2 pi) written out as literals (a module-level float is not a constexpr inside @triton.jit).
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_and_grad(x):
-    """(GELU(x), GELU'(x) = Phi(x) + x phi(x))."""
-    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-    return x * cdf, cdf + x * pdf
+# The exact GELU x Phi(x) through libdevice's erf, as F.gelu (the training form's reference).
+_gelu, _gelu_and_grad = gelu_erf, gelu_erf_and_grad
 
 
 @triton.jit

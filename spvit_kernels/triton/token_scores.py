@@ -38,34 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .gelu import gelu_poly
+
 _DOT_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-# GELU 0.5 x (1 + erf(x / sqrt 2)) = max(x, 0) - |x| t(|x|), t(a) = 0.5 erfc(a / sqrt 2) = P(X > a) for a standard
-# normal X. log2 t is smooth and concave on [0, inf), so t = exp2(p(a)) with a short polynomial p (fitted for the
-# smallest largest |gelu error| on [0, 12], minimax by Nelder-Mead): a few FMAs and one MUFU.EX2, no division,
-# no erf. p decreases to -inf, so large |x| give t = 0 and gelu = max(x, 0) (never NaN for finite x).
-#  - 16-bit tokens (FAST_GELU True): degree 3, |gelu error| <= 5.5e-5 (float32 evaluation) -- below the
-#    rounding of the GELU's output to the 16-bit dot operands (fp16: 4.9e-4 relative). 5 FP32 instructions
-#    (3 FFMA, FMNMX, FFMA) and a MUFU per element: the GELU is most of the kernel's FP32 work (112 per row and
-#    head at d = 64).
-#  - float32 tokens (FAST_GELU False) and the SE branch: degree 5, fit error <= 4.8e-7 (|gelu error| < 1e-6
-#    with the rounding of the float32 result).
-# tests/test_token_scores_gelu.py holds both to their bounds against torch.erf in float64.
-@triton.jit
-def _gelu(x, FAST_GELU: tl.constexpr):
-    a = tl.abs(x)
-    if FAST_GELU:
-        p = -0.024885633771299334 * a - 0.49882000444411917
-        p = p * a - 1.1292459972609055
-        p = p * a - 1.0035317128568024
-    else:
-        p = -0.00047368191577049936 * a + 0.007087491395068797
-        p = p * a - 0.05183580832652855
-        p = p * a - 0.45998158699593983
-        p = p * a - 1.150793983781294
-        p = p * a - 1.0000364452660517
-    return tl.maximum(x, 0.0) - a * tl.exp2(p)
+# GELU through 0.5 erfc = exp2(polynomial) (spvit_kernels/triton/gelu.py): FAST_GELU (16-bit tokens) the degree-3
+# form, |gelu error| <= 5.5e-5, 5 FP32 instructions and a MUFU per element -- the GELU is most of the kernel's
+# FP32 work (112 per row and head at d = 64); float32 tokens and the SE branch the degree-5 form (< 1e-6).
+_gelu = gelu_poly
 
 
 @triton.jit
