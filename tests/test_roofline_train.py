@@ -45,10 +45,10 @@ def test_counts(model, C, H):
         (total(rt.FUSED_BWD) * 12 + rt.SEGMENTS * rt.SEGMENT_BWD) * T * C / 1e9, rel=1e-3)
     for part in ("student forward", "student backward", "teacher forward"):
         assert elt[("fused", part)] < 0.7 * elt[("paper", part)], part
-    # gelu_mlp's epilogues: a fused-form row from the kernel report, positive and well below the GEMMs
+    # gelu_mlp's epilogues: a fused-form row from the kernel report, positive and below half the student GEMMs
     epi = [r for r in rows if r["op"].startswith("gelu_mlp GEMM epilogues")]
     assert len(epi) == 1 and epi[0]["form"] == "fused"
-    assert 0 < epi[0]["modeled_ms"] < 0.2 * by[("fused", "GEMMs student (forward + backward)")]["modeled_ms"]
+    assert 0 < epi[0]["modeled_ms"] < 0.5 * by[("fused", "GEMMs student (forward + backward)")]["modeled_ms"]
     # attention memory kept for backward: O(N^2) against O(N)
     fused = [r for r in rows if r["form"] == "fused" and "policy_attention" in r["op"]][0]
     assert paper["saved_for_backward_gb"] > 20 * fused["saved_for_backward_gb"] > 0
