@@ -82,11 +82,13 @@ EAGER_BWD = [("add 2: the branch's gradient cast to bf16", 6), ("fc2 bias gradie
 # and dbranch bf16: 16). policy_attention writes (B, N, H, d): no transpose copy in the student. The GEMMs of
 # gelu_mlp (Triton) are assumed to reach the GEMM efficiency of cuBLAS's (not measured).
 # gelu_mlp: fc1's epilogue writes gelu(u) besides u (8: the GELU pass's read of u and its second read are gone),
-# fc2's input-gradient epilogue reads u (8: the GELU-backward pass and the write of dg are gone).
+# fc2's input-gradient epilogue reads u (8: the GELU-backward pass and the write of dg are gone) and sums du's
+# columns (fc1's bias gradient: the 8-byte read of du is gone).
 FUSED_FWD = [("add_layer_norm x 2", 24), ("gelu_mlp: gelu(u) written by fc1's epilogue (4C)", 8)]
 FUSED_BWD = [("add_layer_norm backward x 2", 32), ("gelu_mlp: u read by the input gradient's epilogue (4C)", 8),
-             ("bias gradients: fc1, fc2, proj", 12)]
-FUSED_TEACHER = FUSED_FWD + [("attention output: transpose copy (timm's attention)", 4)]
+             ("bias gradients: fc2, proj (fc1's: column sums in that epilogue)", 4)]
+# The teacher (no_grad): fc1's epilogue writes gelu(u) instead of u, nothing more.
+FUSED_TEACHER = FUSED_FWD[:1] + [("attention output: transpose copy (timm's attention)", 4)]
 # The training forward fuses across the blocks of a segment (between two selectors): each of DeiT's 4 segments
 # ends with a plain add (10 bytes; its backward a cast, 6) and starts with a norm without a branch (6 instead of
 # 12; backward: dx and the residual gradient accumulated, 10 + 12 instead of 16).

@@ -66,9 +66,11 @@ TORCH_LIBRARY(spvit, m) {
       "add_layer_norm(Tensor x, Tensor? branch, Tensor? weight, Tensor? bias, float eps=1e-05, "
       "ScalarType? out_dtype=None) -> (Tensor, Tensor)");
   // A transformer MLP fc2(gelu(fc1(h))) with GELU in the GEMM epilogues: the forward's fc1 writes u and gelu(u)
-  // (returned for the backward), the backward's fc2 input gradient multiplies by gelu'(u).
+  // (returned for the backward; with for_backward false only gelu(u), and u, g come back empty (0,)), the
+  // backward's fc2 input gradient multiplies by gelu'(u).
   m.def(
-      "gelu_mlp_fwd(Tensor h, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) -> (Tensor out, Tensor u, Tensor g)");
+      "gelu_mlp_fwd(Tensor h, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool for_backward=True) "
+      "-> (Tensor out, Tensor u, Tensor g)");
   // -> (dh, dw1, db1, dw2, db2); (0,) for an absent bias.
   m.def(
       "gelu_mlp_bwd(Tensor dout, Tensor h, Tensor u, Tensor g, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "

@@ -374,11 +374,11 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
     return triton_stats(f"add_layer_norm_{part}", config, arch, k, meta["num_warps"]), c
 
 
-# The two GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU) and the strides equal to 1 (which a launch specialises)
-# for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
+# The two GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU, BIAS_GRAD) and the strides equal to 1 (which a launch
+# specialises) for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
 GELU_MLP_GEMMS = {
-    "fc1": ((True, True, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),        # [u, gelu(u)] = h w1^T + b1
-    "fc2_dgrad": ((False, False, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du = dout w2 * gelu'(u)
+    "fc1": ((True, True, False, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # [u, gelu(u)] = h w1^T + b1
+    "fc2_dgrad": ((False, False, True, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du, db1
 }
 
 
@@ -389,11 +389,12 @@ def gelu_mlp_stats(arch, dtype, part):
     from .triton import gelu_mlp as mod
 
     meta = mod.launch_meta(dtype)
-    (has_bias, gelu_out, dgelu), unit = GELU_MLP_GEMMS[part]
-    c = dict(meta["constexprs"], HAS_BIAS=has_bias, GELU_OUT=gelu_out, DGELU=dgelu, UPCAST_DOTS=False, **unit)
+    (has_bias, gelu_out, dgelu, bias_grad), unit = GELU_MLP_GEMMS[part]
+    c = dict(meta["constexprs"], HAS_BIAS=has_bias, GELU_OUT=gelu_out, DGELU=dgelu, BIAS_GRAD=bias_grad,
+             STORE_C=True, UPCAST_DOTS=False, **unit)
     fn = _jit_function(mod._gelu_matmul_kernel)
     ptr = _TL_PTR[dtype]
-    types = dict(A=ptr, B=ptr, C=ptr, G=ptr, BIAS=ptr, AUX=ptr)
+    types = dict(A=ptr, B=ptr, C=ptr, G=ptr, BIAS=ptr, AUX=ptr, DBP="*fp32")
     types.update({a: "i32" for a in fn.arg_names if a not in types and a not in c})
     divisible = [a for a in types if a not in c]
     k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], meta["num_stages"])

@@ -201,3 +201,27 @@ def test_gpu_triton(shape, dtype):
     _assert_close(out.cpu(), want, dtype, "out")
     for name, g, w in zip(NAMES, grads, want_grads):
         _assert_close(g.cpu(), w, dtype, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+def test_no_grad_forward_keeps_nothing(backend, monkeypatch):
+    """Without a gradient to compute (torch.no_grad, as the teacher runs) fc1 writes gelu(u) only: the same output,
+    and the raw forward returns u and g empty; asking such a forward for a gradient is an error, not zeros."""
+    h, weights, dout = _inputs((2, 31), 40, 72, 40, BF16)
+    with_grad, _ = _run(backend, h, weights, dout)
+    with torch.no_grad():
+        without = ops.gelu_mlp(h, *weights, backend=backend)
+    torch.testing.assert_close(without, with_grad, atol=0, rtol=0)
+    out, u, g = torch.ops.spvit.gelu_mlp_fwd(h.reshape(-1, 40), *weights, False)
+    assert u.shape == g.shape == (0,)
+    hr = h.reshape(-1, 40).detach().requires_grad_()
+    out = torch.ops.spvit.gelu_mlp_fwd(hr, *weights, False)[0]
+    with pytest.raises(RuntimeError, match=r"for_backward=False\) keeps nothing for backward"):
+        out.sum().backward()
+
+
+def test_opcheck_without_backward():
+    h, weights, _ = _inputs((13,), 24, 40, 16, F32)
+    torch.library.opcheck(torch.ops.spvit.gelu_mlp_fwd.default, (h, *weights, False),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -25,10 +25,10 @@ _registry.register_backend(BWD, "reference", _ANY_DEVICE)(gelu_mlp_bwd_reference
 
 
 @_registry.register_backend(FWD, "triton", triton_device_types)
-def _fwd_triton(h, w1, b1, w2, b2):
+def _fwd_triton(h, w1, b1, w2, b2, for_backward=True):
     from ..triton.gelu_mlp import gelu_mlp_fwd_triton  # lazy: Triton only when used
 
-    return gelu_mlp_fwd_triton(h, w1, b1, w2, b2)
+    return gelu_mlp_fwd_triton(h, w1, b1, w2, b2, for_backward)
 
 
 @_registry.register_backend(BWD, "triton", triton_device_types)
@@ -38,9 +38,11 @@ def _bwd_triton(dout, h, u, g, w1, b1, w2, b2):
     return gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2)
 
 
-def _check_fwd(h, w1, b1, w2, b2, *, allow_float64=False):
+def _check_fwd(h, w1, b1, w2, b2, for_backward=True, *, allow_float64=False):
     _validate.gelu_mlp(h, w1, b1, w2, b2, allow_float64=allow_float64)
-    return h.contiguous(), w1, b1, w2, b2
+    if not isinstance(for_backward, bool):
+        raise TypeError(f"for_backward must be a bool, got {type(for_backward).__name__}")
+    return h.contiguous(), w1, b1, w2, b2, for_backward
 
 
 def _check_bwd(dout, h, u, g, w1, b1, w2, b2, *, allow_float64=False):
@@ -53,10 +55,10 @@ _library.register_backend_kernel("spvit::gelu_mlp_bwd", BWD, _check_bwd)
 
 
 @torch.library.register_fake("spvit::gelu_mlp_fwd")
-def _fwd_fake(h, w1, b1, w2, b2):
-    _check_fwd(h, w1, b1, w2, b2, allow_float64=True)
+def _fwd_fake(h, w1, b1, w2, b2, for_backward=True):
+    _check_fwd(h, w1, b1, w2, b2, for_backward, allow_float64=True)
     M = h.shape[0]
-    u = h.new_empty((M, w1.shape[0]))
+    u = h.new_empty((M, w1.shape[0]) if for_backward else (0,))
     return h.new_empty((M, w2.shape[0])), u, torch.empty_like(u)
 
 
@@ -78,11 +80,15 @@ def _grads(ctx, dh, dw1, db1, dw2, db2, b1, b2):
 
 
 def _setup_context(ctx, inputs, output):
-    h, w1, b1, w2, b2 = inputs
+    h, w1, b1, w2, b2 = inputs[:5]
+    ctx.for_backward = inputs[5] if len(inputs) > 5 else True
     ctx.save_for_backward(h, output[1], output[2], w1, b1, w2, b2)
 
 
 def _backward(ctx, dout, _du, _dg):
+    if not ctx.for_backward:
+        raise RuntimeError("gelu_mlp_fwd(..., for_backward=False) keeps nothing for backward; call it with "
+                           "for_backward=True (the default) where a gradient is needed")
     h, u, g, w1, b1, w2, b2 = ctx.saved_tensors
     grads = torch.ops.spvit.gelu_mlp_bwd(dout, h, u, g, w1, b1, w2, b2)
     return _grads(ctx, *grads, b1, b2)
@@ -93,7 +99,7 @@ torch.library.register_autograd("spvit::gelu_mlp_fwd", _backward, setup_context=
 
 @torch.library.impl("spvit::gelu_mlp", "CompositeImplicitAutograd")
 def _composite(h, w1, b1, w2, b2):
-    return torch.ops.spvit.gelu_mlp_fwd(h, w1, b1, w2, b2)[0]
+    return torch.ops.spvit.gelu_mlp_fwd(h, w1, b1, w2, b2, _needs_grad(h, w1, b1, w2, b2))[0]
 
 
 class _Eager(torch.autograd.Function):
@@ -113,10 +119,15 @@ class _Eager(torch.autograd.Function):
         return (*_grads(ctx, *grads, b1, b2), None)
 
 
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def gelu_mlp(h, w1, b1, w2, b2, *, backend=None):
     """A transformer MLP, `fc2(gelu(fc1(h)))` with gelu the exact (erf) GELU of torch.nn.GELU(), with GELU in the
     GEMM epilogues: fc1's GEMM adds its bias and writes u and gelu(u) (no GELU pass), and backward the GEMM of
-    fc2's input gradient multiplies by gelu'(u) (no GELU-backward pass). Differentiable in every input.
+    fc2's input gradient multiplies by gelu'(u) (no GELU-backward pass). Differentiable in every input; where no
+    gradient is needed (torch.no_grad, or no input requiring grad) fc1 writes gelu(u) only and nothing is kept.
 
     Args:
         h: (..., C) float32 / float16 / bfloat16 (float64 for backend="reference"); the product runs in h's dtype.
@@ -133,5 +144,7 @@ def gelu_mlp(h, w1, b1, w2, b2, *, backend=None):
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call gelu_mlp with backend=None")
         return torch.ops.spvit.gelu_mlp(h, w1, b1, w2, b2).reshape(*lead, -1)
-    h, w1, b1, w2, b2 = _check_fwd(h, w1, b1, w2, b2, allow_float64=backend == "reference")
+    h, w1, b1, w2, b2, _ = _check_fwd(h, w1, b1, w2, b2, allow_float64=backend == "reference")
+    if not _needs_grad(h, w1, b1, w2, b2):  # e.g. the teacher's no_grad forward: u is not written, nothing kept
+        return _registry.resolve(FWD, backend, h.device).fn(h, w1, b1, w2, b2, False)[0].reshape(*lead, -1)
     return _Eager.apply(h, w1, b1, w2, b2, backend).reshape(*lead, -1)

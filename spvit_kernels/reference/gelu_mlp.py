@@ -25,13 +25,16 @@ def _cast(t, dtype):
     return t.to(dtype) if t is not None else None
 
 
-def gelu_mlp_fwd_reference(h, w1, b1, w2, b2):
-    """h (M, C) -> (out (M, C_out), u (M, F), g (M, F)), all in h's dtype."""
+def gelu_mlp_fwd_reference(h, w1, b1, w2, b2, for_backward=True):
+    """h (M, C) -> (out (M, C_out), u (M, F), g (M, F)), all in h's dtype; u, g empty (0,) without for_backward."""
     dt = h.dtype
     with torch.autocast(h.device.type, enabled=False):
         u = F.linear(h, w1.to(dt), _cast(b1, dt))
         g = F.gelu(u)
-        return F.linear(g, w2.to(dt), _cast(b2, dt)), u, g
+        out = F.linear(g, w2.to(dt), _cast(b2, dt))
+    if not for_backward:
+        return out, h.new_empty((0,)), h.new_empty((0,))
+    return out, u, g
 
 
 def _bias_grad(d, bias, acc):

@@ -17,9 +17,11 @@ bf16) and, backward, a GELU-backward pass (read dg and u, write du: 6 bytes). He
                                              writes both u and gelu(u) (2 bytes more than u alone, 2 fewer than
                                              the GELU pass);
     fc2 grad  du = (dout @ w2) * gelu'(u)    one GEMM whose epilogue reads u's tile and multiplies by GELU's
-                                             derivative: neither dg nor the GELU-backward pass exists.
+                                             derivative: neither dg nor the GELU-backward pass exists; the same
+                                             epilogue sums its tile's columns, so db1 needs no pass over du
+                                             (per-program float32 partials, added by PyTorch: no atomics).
 The other products (out = g @ w2^T + b2, dw2 = dout^T g, dw1 = du^T h, dh = du @ w1) are PyTorch GEMMs
-(cuBLAS on a GPU), and the bias gradients PyTorch reductions, as in the unfused MLP.
+(cuBLAS on a GPU), and db2 a PyTorch reduction, as in the unfused MLP.
 
 GELU is evaluated once per element of u (forward) and of du (backward), in the epilogue, never on an operand
 tile: an operand is read by every program along the other output dimension, so a prologue would evaluate it
@@ -61,13 +63,16 @@ def _gelu_grad(x, POLY: tl.constexpr):
 
 
 @triton.jit
-def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, M, N, K,
+def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, DBP, M, N, K,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                         HAS_BIAS: tl.constexpr, GELU_OUT: tl.constexpr, DGELU: tl.constexpr, POLY_GELU: tl.constexpr,
+                        BIAS_GRAD: tl.constexpr, STORE_C: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C (M, N) = A (M, K) @ B (K, N) [+ BIAS (N,)], float32 accumulation; GELU_OUT: also G = gelu(C as stored);
-    DGELU: C = that product * gelu'(AUX) (AUX, G: C's strides)."""
+    DGELU: C = that product * gelu'(AUX) (AUX, G: C's strides); BIAS_GRAD: the column sums of C (before its
+    rounding) of this program's BLOCK_M rows into row pid_m of DBP (cdiv(M, BLOCK_M), N) float32; STORE_C False:
+    C is not written (with GELU_OUT: G only)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -100,8 +105,11 @@ def _gelu_matmul_kernel(A, B, C, G, BIAS, AUX, M, N, K,
     offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
     if DGELU:
         acc = acc * _gelu_grad(tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32), POLY_GELU)
+    if BIAS_GRAD:
+        tl.store(DBP + pid_m * N + rn, tl.sum(tl.where(mask, acc, 0.0), axis=0), mask=n_ok)
     out = acc.to(C.dtype.element_ty)
-    tl.store(C + offs, out, mask=mask)
+    if STORE_C:  # False: only G (a forward that keeps nothing for backward needs gelu(u) alone)
+        tl.store(C + offs, out, mask=mask)
     if GELU_OUT:  # from u as stored (rounded), as PyTorch's GELU reads it
         tl.store(G + offs, _gelu(out.to(tl.float32), POLY_GELU).to(G.dtype.element_ty), mask=mask)
 
@@ -119,22 +127,27 @@ def launch_meta(dtype, *, interpret=False):
     return dict(constexprs=c, num_warps=warps, num_stages=stages)
 
 
-def _matmul(a, b, out, *, bias=None, gelu_out=None, aux=None):
-    """out (M, N) = a (M, K) @ b (K, N) [+ bias]; gelu_out: also gelu(out) into it; aux: out *= gelu'(aux).
+def _matmul(a, b, out, *, bias=None, gelu_out=None, aux=None, bias_grad=False, store_out=True):
+    """out (M, N) = a (M, K) @ b (K, N) [+ bias]; gelu_out: also gelu(out) into it; aux: out *= gelu'(aux);
+    bias_grad: also returns out's column sums (N,) float32, from per-program partials (no atomics).
     a, b any strides; out, gelu_out, aux contiguous (M, N)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
-        return
+        return torch.zeros(N, dtype=torch.float32, device=out.device) if bias_grad else None
     meta = launch_meta(a.dtype, interpret=interpret_mode())
     c = meta["constexprs"]
-    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    m_tiles = triton.cdiv(M, c["BLOCK_M"])
+    partial = torch.empty((m_tiles, N), dtype=torch.float32, device=out.device) if bias_grad else out
+    grid = (m_tiles * triton.cdiv(N, c["BLOCK_N"]),)
     _gelu_matmul_kernel[grid](
         a, b, out, gelu_out if gelu_out is not None else out, bias if bias is not None else out,
-        aux if aux is not None else out, M, N, K,
+        aux if aux is not None else out, partial, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, GELU_OUT=gelu_out is not None, DGELU=aux is not None,
+        HAS_BIAS=bias is not None, GELU_OUT=gelu_out is not None, DGELU=aux is not None, BIAS_GRAD=bias_grad,
+        STORE_C=store_out,
         num_warps=meta["num_warps"], num_stages=meta["num_stages"], **c)
+    return partial.sum(dim=0) if bias_grad else None
 
 
 def _cast(t, dtype):
@@ -151,13 +164,15 @@ def _no_autocast(fn):
 
 
 @_no_autocast
-def gelu_mlp_fwd_triton(h, w1, b1, w2, b2):
+def gelu_mlp_fwd_triton(h, w1, b1, w2, b2, for_backward=True):
     dt = h.dtype
     M, F = h.shape[0], w1.shape[0]
-    u = torch.empty((M, F), dtype=dt, device=h.device)
-    g = torch.empty_like(u)
-    _matmul(h, w1.to(dt).t(), u, bias=_cast(b1, dt), gelu_out=g)
+    g = torch.empty((M, F), dtype=dt, device=h.device)
+    u = torch.empty_like(g) if for_backward else g  # without backward, u is never written
+    _matmul(h, w1.to(dt).t(), u, bias=_cast(b1, dt), gelu_out=g, store_out=for_backward)
     out = torch.nn.functional.linear(g, w2.to(dt), _cast(b2, dt))
+    if not for_backward:
+        return out, h.new_empty((0,)), h.new_empty((0,))
     return out, u, g
 
 
@@ -171,8 +186,9 @@ def gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2):
     d = dout.to(dt)
     w1c, w2c = w1.to(dt), w2.to(dt)
     du = torch.empty_like(u)
-    _matmul(d, w2c, du, aux=u)  # (M, C_out) @ (C_out, F), times gelu'(u)
+    # (M, C_out) @ (C_out, F), times gelu'(u); db1 = du's column sums from the same epilogue (du is not re-read)
+    db1 = _matmul(d, w2c, du, aux=u, bias_grad=b1 is not None)
     dw2 = (d.t() @ g).to(w2.dtype)
     dw1 = (du.t() @ h).to(w1.dtype)
     dh = du @ w1c
-    return dh, dw1, _bias_grad(du, b1), dw2, _bias_grad(d, b2)
+    return dh, dw1, db1.to(b1.dtype) if b1 is not None else du.new_empty((0,)), dw2, _bias_grad(d, b2)
