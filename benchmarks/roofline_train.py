@@ -15,8 +15,9 @@ block: the training form keeps the whole tensor), counted op by op as bytes that
     cuBLAS's for their main loops; their epilogues, which evaluate GELU per element, are a separate row: the
     kernel report's straight-line SASS of each kernel, once per tile and thread, on the issue slots or the MUFU,
     not overlapped with the tensor cores: the TOTAL; "TOTAL, GEMM epilogues hidden" drops that row, as when
-    another resident block's main loop covers each epilogue), and its attention output needs no transpose copy; the bias gradients
-    stay PyTorch reductions in both. The AdamW update: 16 bytes read and 12 written per parameter.
+    another resident block's main loop covers each epilogue), and its attention output needs no transpose copy;
+    fc1's bias gradient comes from that epilogue, the others stay PyTorch reductions. The AdamW update: 16 bytes
+    read and 12 written per parameter.
   * Attention, where the forms differ:
       paper form (vit_l2_3keep_senet.py: scores materialised, the eye-matrix policy, fp32 softmax): its batched
       matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as written, forward (PASSES_FWD)

@@ -57,7 +57,7 @@ REGISTER_CEILING = {"varlen_attention": 232, "token_scores_head": 248, "token_sc
                     "selector_train": 255,
                     # 80 at every width (8 warps, 8-16 elements of a tile per thread per tensor)
                     "add_layer_norm": 96,
-                    # 16-bit: <= 117 (two blocks per SM); float32 (64 x 64 tiles, IEEE FMA) up to 222
+                    # 16-bit: <= 127 (two blocks per SM); float32 (64 x 64 tiles, IEEE FMA) up to 222
                     "gelu_mlp": 232}  # prune_pack: every kernel of the CUDA extension (512-thread blocks)
 SMEM_LIMIT_SM80 = 163 * 1024
 TWO_PASS_SASS_PER_ROW_HEAD = 5590  # the first token_scores per-head kernel, DeiT-S bf16, sm_80

@@ -1,7 +1,8 @@
 """A timm block's MLP (fc1, GELU, fc2) with GELU in the GEMM epilogues where the fused op serves the call.
 
 On CUDA tensors with Triton, a plain timm `Mlp` (nn.Linear fc1 and fc2, the exact nn.GELU, no norm, dropouts that
-do nothing) runs as torch.ops.spvit.gelu_mlp: no GELU pass forward, no GELU-backward pass backward. Under autocast
+do nothing) runs as torch.ops.spvit.gelu_mlp: no GELU pass forward, no GELU-backward pass backward, and
+in a no_grad forward (the teacher's) fc1 writes gelu(u) alone. Under autocast
 it runs in the autocast dtype (h cast to it, as fc1 would cast it). Everywhere else it is `mlp(h)`.
 """
 

@@ -32,9 +32,10 @@ therefore use the exp2-polynomial GELU and derivative of spvit_kernels/triton/ge
 below the 16-bit rounding of u, gelu(u) and du; POLY_GELU); float32 keeps the exact erf form.
 
 Tiles: 16-bit operands 128 x 64 x 32 with 8 warps and 3 pipeline stages, grouped program order for L2 reuse
-(GROUP_M tiles of M share each B panel): at most 117 registers (128 x 128 tiles took 170-187 on sm_80, one block
-per SM), so a second block's K loop can keep the tensor cores busy while one block runs its epilogue; float32 64 x 64 x 32 with 4 warps (IEEE dots on the CUDA cores, as
-PyTorch's default matmul; TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1
+(GROUP_M tiles of M share each B panel): at most 127 registers on sm_80 (128 x 128 tiles took 170-187, one block
+per SM), so a second block's K loop can keep the tensor cores busy while one block runs its epilogue; float32
+64 x 64 x 32 with 4 warps (IEEE dots on the CUDA cores, as PyTorch's default matmul; TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1
 with 16-bit operands the operands are upcast to float32 before the dot (UPCAST_DOTS: the interpreter's bfloat16
 dot multiplies raw bits, see varlen_attention.py); the products are the same.
 """
@@ -119,7 +120,7 @@ def launch_meta(dtype, *, interpret=False):
     if dtype == torch.float32:
         c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         warps, stages = 4, 3
-    else:  # 128 x 64: <= 117 registers, so two blocks per SM on sm_80 (three or four on sm_90)
+    else:  # 128 x 64: <= 127 registers, so two blocks per SM on sm_80 (two to four on sm_90)
         c = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         warps, stages = 8, 3
     c.update(PRECISION=_dot_precision(dtype), UPCAST_DOTS=interpret and dtype != torch.float32,
