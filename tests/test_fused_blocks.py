@@ -227,3 +227,41 @@ def test_frozen_families_through_the_ops(name, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@requires_triton_interpret
+@pytest.mark.triton_interpret
+def test_training_step_through_every_fused_kernel(monkeypatch):
+    """The GPU training path composed, on the CPU: policy_attention, selector_train, add_layer_norm and gelu_mlp
+    all on their Triton kernels (interpreted), in one training forward + backward of a small SPViT, against the
+    PyTorch forms (logits, tokens and every parameter's gradient)."""
+    import importlib
+
+    from spvit_kernels.models.selector import TokenSelector
+    from spvit_kernels.ops import _registry
+
+    pa = importlib.import_module("spvit_kernels.training.policy_attention")  # the module, not its function
+
+    torch.manual_seed(0)
+    model = from_timm(_tiny_vit(img_size=16, depth=3), selector_layers=(1, 2), keep_ratios=(0.7, 0.5)).train()
+    images = torch.randn(2, 3, 16, 16)
+    noise = [0.3 * torch.randn(2, 16, 2) + torch.tensor([0.5, 0.0]) for _ in range(2)]
+    want_out, want_g = _train_outputs(model, images, noise)
+    for op in ("policy_attention", "policy_attention_backward", "selector_train", "selector_train_backward"):
+        monkeypatch.setitem(_registry.DEFAULT_ORDER[op], "cpu", ("triton", "reference"))
+    monkeypatch.setattr(pa, "_use_op", lambda q: True)
+    monkeypatch.setattr(TokenSelector, "_use_train_op", lambda self, S: True)
+    _through_op(monkeypatch, "triton", [], [])
+    ran = set()
+    for op in ("policy_attention", "selector_train", "add_layer_norm", "gelu_mlp"):
+        mod = importlib.import_module(f"spvit_kernels.triton.{op}")
+        for half in ("fwd", "bwd"):
+            name = f"{op}_{half}_triton"
+            real = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, _n=name, _r=real: ran.add(_n) or _r(*a))
+    got_out, got_g = _train_outputs(model, images, noise)
+    assert len(ran) == 8, sorted(ran)  # every fused kernel's forward and backward ran
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-4)
