@@ -4,11 +4,19 @@ on one GPU. A module global, not thread-local, so torch.compile guards on it."""
 
 import contextlib
 
+import torch
+
 _ENABLED = True
 
 
 def fused_kernels_enabled():
     return _ENABLED
+
+
+def fused_gpu_tensor(t):
+    """Whether a fused training kernel may serve tensor t at all: switched on, a CUDA tensor, not float64 (each
+    caller then checks that its backend is present and takes t's shapes)."""
+    return _ENABLED and t.is_cuda and t.dtype != torch.float64
 
 
 @contextlib.contextmanager

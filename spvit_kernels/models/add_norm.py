@@ -9,14 +9,13 @@ read anyway. Everywhere else (CPU, other norms, float64) it is the two PyTorch c
 import torch
 from torch import nn
 
-from .._fusion import fused_kernels_enabled
+from .._fusion import fused_gpu_tensor
 from .._triton_support import triton_device_types
 
 
 def fused_backend(norm, x):
     """The add_layer_norm backend serving `norm` on x, or None for the PyTorch calls (tests may replace this)."""
-    if not x.is_cuda or x.dtype == torch.float64 or not fused_kernels_enabled() \
-            or "cuda" not in triton_device_types():
+    if not fused_gpu_tensor(x) or "cuda" not in triton_device_types():
         return None
     if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (x.shape[-1],):
         return None

@@ -1,15 +1,15 @@
 """A timm block's MLP (fc1, GELU, fc2) with GELU in the GEMM epilogues where the fused op serves the call.
 
 On CUDA tensors with Triton, a plain timm `Mlp` (nn.Linear fc1 and fc2, the exact nn.GELU, no norm, dropouts that
-do nothing) runs as torch.ops.spvit.gelu_mlp: no GELU pass forward, no GELU-backward pass backward, and
-in a no_grad forward (the teacher's) fc1 writes gelu(u) alone. Under autocast
-it runs in the autocast dtype (h cast to it, as fc1 would cast it). Everywhere else it is `mlp(h)`.
+do nothing) runs as torch.ops.spvit.gelu_mlp: no GELU pass forward, no GELU-backward pass backward, and in a
+no_grad forward (the teacher's) fc1 writes gelu(u) alone. Under autocast it runs in the autocast dtype (h cast to
+it, as fc1 would cast it). Everywhere else it is `mlp(h)`.
 """
 
 import torch
 from torch import nn
 
-from .._fusion import fused_kernels_enabled
+from .._fusion import fused_gpu_tensor
 from .._triton_support import triton_device_types
 
 
@@ -18,9 +18,8 @@ def _inactive(drop, training):
 
 
 def fused_backend(mlp, h):
-    """The gelu_linear backend serving `mlp` on h, or None for `mlp(h)` (tests may replace this)."""
-    if not h.is_cuda or h.dtype == torch.float64 or not fused_kernels_enabled() \
-            or "cuda" not in triton_device_types():
+    """The gelu_mlp backend serving `mlp` on h, or None for `mlp(h)` (tests may replace this)."""
+    if not fused_gpu_tensor(h) or "cuda" not in triton_device_types():
         return None
     return "triton" if is_plain_gelu_mlp(mlp) else None
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._fusion import fused_kernels_enabled
+from .._fusion import fused_gpu_tensor
 
 
 def _linear(layer, t):
@@ -129,7 +129,7 @@ class TokenSelector(nn.Module):
     def _use_train_op(self, S):
         """Whether the fused op (spvit_kernels.ops.selector_train, Triton forward and backward) serves train_scores:
         CUDA tokens other than float64, Triton present, a head dim its kernels take. Elsewhere the PyTorch form."""
-        if not S.is_cuda or S.dtype == torch.float64 or not fused_kernels_enabled():
+        if not fused_gpu_tensor(S):
             return False
         from ..ops._validate import SELECTOR_TRAIN_TRITON_HEAD_DIMS
 

@@ -36,6 +36,15 @@ def block_forward_carried(block, x, pending, attention, add_norm, mlp):
     return x, block.drop_path2(block.ls2(mlp(block.mlp, h)))
 
 
+def blocks_forward_carried(blocks, x, attention, add_norm, mlp):
+    """block_forward_carried over consecutive blocks from a whole residual stream x: -> (the stream without the
+    last block's MLP branch, that branch or None without blocks), for the caller to add (or fuse into its norm)."""
+    pending = None
+    for block in blocks:
+        x, pending = block_forward_carried(block, x, pending, attention, add_norm, mlp)
+    return x, pending
+
+
 def block_forward(block, x, attention):
     """timm `Block` (pre-norm, layer scale, drop path; eval mode) with `attention(attn, h)` standing in for
     block.attn(h). Rows other than attention's are treated independently, so x may be (B, N, C) or (T, C)."""

@@ -4,6 +4,7 @@ Every op has a `"reference"` backend (pure PyTorch, any device). The fast ones r
 with `register_backend`; `DEFAULT_ORDER` says which one `backend=None` picks for a device type.
 """
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,17 @@ def register_backend(op, name, device_types):
         return fn
 
     return wrap
+
+
+def register_lazy(op, name, device_types, module, function):
+    """Register backend `name` of `op` as `module.function` (e.g. "spvit_kernels.triton.gelu_mlp"), imported at
+    its first call, so that importing the ops never imports Triton."""
+
+    def call(*args):
+        return getattr(importlib.import_module(module), function)(*args)
+
+    call.__name__ = function
+    register_backend(op, name, device_types)(call)
 
 
 def _usable_device_types():

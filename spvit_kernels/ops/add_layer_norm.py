@@ -11,7 +11,7 @@ allowed; spvit_kernels/reference/add_layer_norm.py). One backend name serves bot
 import torch
 
 from .._triton_support import triton_device_types
-from ..reference.add_layer_norm import add_layer_norm_bwd_reference, add_layer_norm_fwd_reference
+from ..reference.add_layer_norm import add_layer_norm_bwd_reference, add_layer_norm_fwd_reference, compute_dtype
 from .._ext import _C  # noqa: F401  (loads the schemas)
 from . import _library, _registry, _validate
 
@@ -22,18 +22,9 @@ _registry.register_backend(FWD, "reference", _ANY_DEVICE)(add_layer_norm_fwd_ref
 _registry.register_backend(BWD, "reference", _ANY_DEVICE)(add_layer_norm_bwd_reference)
 
 
-@_registry.register_backend(FWD, "triton", triton_device_types)
-def _fwd_triton(x, branch, weight, bias, eps, out_dtype):
-    from ..triton.add_layer_norm import add_layer_norm_fwd_triton  # lazy: Triton only when used
-
-    return add_layer_norm_fwd_triton(x, branch, weight, bias, eps, out_dtype)
-
-
-@_registry.register_backend(BWD, "triton", triton_device_types)
-def _bwd_triton(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype):
-    from ..triton.add_layer_norm import add_layer_norm_bwd_triton
-
-    return add_layer_norm_bwd_triton(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype)
+_TRITON = "spvit_kernels.triton.add_layer_norm"
+_registry.register_lazy(FWD, "triton", triton_device_types, _TRITON, "add_layer_norm_fwd_triton")
+_registry.register_lazy(BWD, "triton", triton_device_types, _TRITON, "add_layer_norm_bwd_triton")
 
 
 def _contiguous(t):
@@ -57,17 +48,13 @@ _library.register_backend_kernel("spvit::add_layer_norm_fwd", FWD, _check_fwd)
 _library.register_backend_kernel("spvit::add_layer_norm_bwd", BWD, _check_bwd, tensor_arg=2)
 
 
-def _stat_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("spvit::add_layer_norm_fwd")
 def _fwd_fake(x, branch, weight, bias, eps, out_dtype):
     _check_fwd(x, branch, weight, bias, eps, out_dtype, allow_float64=True)
     s_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
     s = x.new_empty(x.shape, dtype=s_dtype) if branch is not None else x.new_empty((0,))
     rows = x.numel() // x.shape[-1]
-    stat = x.new_empty((rows,), dtype=_stat_dtype(s))
+    stat = x.new_empty((rows,), dtype=compute_dtype(s.dtype))
     return s, x.new_empty(x.shape, dtype=out_dtype or s_dtype), stat, torch.empty_like(stat)
 
 

@@ -24,18 +24,9 @@ _registry.register_backend(FWD, "reference", _ANY_DEVICE)(gelu_mlp_fwd_reference
 _registry.register_backend(BWD, "reference", _ANY_DEVICE)(gelu_mlp_bwd_reference)
 
 
-@_registry.register_backend(FWD, "triton", triton_device_types)
-def _fwd_triton(h, w1, b1, w2, b2, for_backward=True):
-    from ..triton.gelu_mlp import gelu_mlp_fwd_triton  # lazy: Triton only when used
-
-    return gelu_mlp_fwd_triton(h, w1, b1, w2, b2, for_backward)
-
-
-@_registry.register_backend(BWD, "triton", triton_device_types)
-def _bwd_triton(dout, h, u, g, w1, b1, w2, b2):
-    from ..triton.gelu_mlp import gelu_mlp_bwd_triton
-
-    return gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2)
+_TRITON = "spvit_kernels.triton.gelu_mlp"
+_registry.register_lazy(FWD, "triton", triton_device_types, _TRITON, "gelu_mlp_fwd_triton")
+_registry.register_lazy(BWD, "triton", triton_device_types, _TRITON, "gelu_mlp_bwd_triton")
 
 
 def _check_fwd(h, w1, b1, w2, b2, for_backward=True, *, allow_float64=False):

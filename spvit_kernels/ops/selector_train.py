@@ -24,18 +24,9 @@ _registry.register_backend(FWD, "reference", _ANY_DEVICE)(selector_train_fwd_ref
 _registry.register_backend(BWD, "reference", _ANY_DEVICE)(selector_train_bwd_reference)
 
 
-@_registry.register_backend(FWD, "triton", triton_device_types)
-def _fwd_triton(S, weights, num_heads, *params):
-    from ..triton.selector_train import selector_train_fwd_triton  # lazy: Triton only when used
-
-    return selector_train_fwd_triton(S, weights, num_heads, *params)
-
-
-@_registry.register_backend(BWD, "triton", triton_device_types)
-def _bwd_triton(dscore, dprob, S, weights, num_heads, *rest):
-    from ..triton.selector_train import selector_train_bwd_triton
-
-    return selector_train_bwd_triton(dscore, dprob, S, weights, num_heads, *rest)
+_TRITON = "spvit_kernels.triton.selector_train"
+_registry.register_lazy(FWD, "triton", triton_device_types, _TRITON, "selector_train_fwd_triton")
+_registry.register_lazy(BWD, "triton", triton_device_types, _TRITON, "selector_train_bwd_triton")
 
 
 def _check_fwd(S, weights, num_heads, *params, allow_float64=False):

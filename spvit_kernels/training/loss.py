@@ -61,16 +61,14 @@ def _fused_vit_features(teacher, images):
 
     from ..models import add_norm as fused
     from ..models.fused_mlp import mlp_forward
-    from ..models.timm_block import block_forward_carried
+    from ..models.timm_block import blocks_forward_carried
 
     probe = images.new_empty((0, teacher.embed_dim))
     if not hasattr(teacher, "_pos_embed") or any(type(b) is not Block for b in teacher.blocks) \
             or fused.fused_backend(teacher.blocks[0].norm1, probe) is None:
         return None
     x = teacher.norm_pre(teacher.patch_drop(teacher._pos_embed(teacher.patch_embed(images))))
-    pending = None
-    for block in teacher.blocks:
-        x, pending = block_forward_carried(block, x, pending, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
+    x, pending = blocks_forward_carried(teacher.blocks, x, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
     return fused.add_norm(teacher.norm, x, pending)[1]
 
 

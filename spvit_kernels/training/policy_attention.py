@@ -18,7 +18,7 @@ paper form keeps several). `policy_attention_reference` is the paper code's form
 
 import torch
 
-from .._fusion import fused_kernels_enabled
+from .._fusion import fused_gpu_tensor
 from ..reference.policy_attention import backward_math, forward_math
 from ..reference.policy_attention import policy_attention_eye as policy_attention_reference
 
@@ -42,13 +42,12 @@ class _PolicyAttention(torch.autograd.Function):
 
 def _use_op(q):
     """Whether the fused op serves this call: CUDA tensors, Triton present, a head dim its kernels take."""
-    if not q.is_cuda or not fused_kernels_enabled():
+    if not fused_gpu_tensor(q):
         return False
     from ..ops import available_backends
     from ..ops._validate import POLICY_HEAD_DIMS
 
-    return q.shape[-1] in POLICY_HEAD_DIMS and q.dtype != torch.float64 and \
-        "triton" in available_backends("policy_attention")
+    return q.shape[-1] in POLICY_HEAD_DIMS and "triton" in available_backends("policy_attention")
 
 
 def policy_attention(q, k, v, policy, eps=1e-6, softmax_scale=None):

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._triton_support import interpret_mode
+from ..reference.gelu_mlp import bias_grad, cast_optional, no_autocast
 from .gelu import gelu_erf, gelu_erf_and_grad, gelu_poly, gelu_poly_grad
 from .varlen_attention import _dot_precision
 
@@ -151,37 +152,20 @@ def _matmul(a, b, out, *, bias=None, gelu_out=None, aux=None, bias_grad=False, s
     return partial.sum(dim=0) if bias_grad else None
 
 
-def _cast(t, dtype):
-    return t.to(dtype) if t is not None else None
-
-
-def _no_autocast(fn):
-    """The backends' PyTorch products run in h's dtype whatever autocast state the caller has."""
-    def run(h_or_dout, *args):
-        with torch.autocast(h_or_dout.device.type, enabled=False):
-            return fn(h_or_dout, *args)
-
-    return run
-
-
-@_no_autocast
+@no_autocast
 def gelu_mlp_fwd_triton(h, w1, b1, w2, b2, for_backward=True):
     dt = h.dtype
     M, F = h.shape[0], w1.shape[0]
     g = torch.empty((M, F), dtype=dt, device=h.device)
     u = torch.empty_like(g) if for_backward else g  # without backward, u is never written
-    _matmul(h, w1.to(dt).t(), u, bias=_cast(b1, dt), gelu_out=g, store_out=for_backward)
-    out = torch.nn.functional.linear(g, w2.to(dt), _cast(b2, dt))
+    _matmul(h, w1.to(dt).t(), u, bias=cast_optional(b1, dt), gelu_out=g, store_out=for_backward)
+    out = torch.nn.functional.linear(g, w2.to(dt), cast_optional(b2, dt))
     if not for_backward:
         return out, h.new_empty((0,)), h.new_empty((0,))
     return out, u, g
 
 
-def _bias_grad(d, bias):
-    return d.sum(dim=0, dtype=torch.float32).to(bias.dtype) if bias is not None else d.new_empty((0,))
-
-
-@_no_autocast
+@no_autocast
 def gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2):
     dt = h.dtype
     d = dout.to(dt)
@@ -192,4 +176,4 @@ def gelu_mlp_bwd_triton(dout, h, u, g, w1, b1, w2, b2):
     dw2 = (d.t() @ g).to(w2.dtype)
     dw1 = (du.t() @ h).to(w1.dtype)
     dh = du @ w1c
-    return dh, dw1, db1.to(b1.dtype) if b1 is not None else du.new_empty((0,)), dw2, _bias_grad(d, b2)
+    return dh, dw1, db1.to(b1.dtype) if b1 is not None else du.new_empty((0,)), dw2, bias_grad(d, b2)
