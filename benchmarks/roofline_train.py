@@ -40,7 +40,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from roofline import GPUS, MODELS, REPORT, read_report  # noqa: E402
+from roofline import GPUS, MODELS, REPORT, _config, read_report  # noqa: E402
 
 N = 197
 DEPTH = 12
@@ -105,7 +105,7 @@ def epilogue_time(gpu, report, part, M, N):
     loop can hide it)."""
     row = next(r for r in report if r["kernel"] == f"gelu_mlp_{part}" and int(r["arch"]) == gpu.arch
                and r["dtype"] == "bfloat16")
-    cfg = dict(kv.split("=") for kv in row["config"].split() if "=" in kv)
+    cfg = _config(row)
     tiles = -(-M // int(cfg["BLOCK_M"])) * -(-N // int(cfg["BLOCK_N"]))
     lanes = 32 * int(row["num_warps"]) * tiles
     per_sm = gpu.sms * gpu.clock
@@ -113,8 +113,8 @@ def epilogue_time(gpu, report, part, M, N):
                int(row["mufu"]) * lanes / (per_sm * gpu.mufu_lanes))
 
 
-def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff, report=None):
-    report = report if report is not None else read_report(REPORT)[0]
+def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff, report):
+    """The rows of one (GPU, model) step; report: the kernel report's rows (read_report)."""
     d = C // H
     T = B * N
     E = B * H * N * N  # score elements per block
@@ -186,9 +186,10 @@ def main(argv=None):
     rows, lines = [], ["| GPU | model | paper form ms | fused ms | speed-up | attention saved for backward, paper / "
                        "fused GB |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     epilogue_op = "gelu_mlp GEMM epilogues"
+    report, rmeta = read_report(REPORT)
     for gpu in GPUS:
         for model, C, H in MODELS:
-            r = step_rows(gpu, model, C, H, args.batch, args.gemm_efficiency, args.attention_efficiency)
+            r = step_rows(gpu, model, C, H, args.batch, args.gemm_efficiency, args.attention_efficiency, report)
             tot = {f: sum(x["modeled_ms"] for x in r if x["form"] == f) for f in ("paper", "fused")}
             saved = {f: sum(x["saved_for_backward_gb"] for x in r if x["form"] == f) for f in ("paper", "fused")}
             rows += r + [dict(gpu=gpu.name, model=model, form=f, op="TOTAL", modeled_ms=round(tot[f], 3),
@@ -203,7 +204,6 @@ def main(argv=None):
             lines.append(f"| {gpu.name} | {model} | {tot['paper']:.1f} | {hidden:.1f}-{tot['fused']:.1f} | "
                          f"{tot['paper'] / tot['fused']:.2f}-{tot['paper'] / hidden:.2f}x | "
                          f"{saved['paper']:.2f} / {saved['fused']:.3f} |")
-    rmeta = read_report(REPORT)[1]
     common.write_csv("roofline_train", "cpu", rows, label="MODELED", extra_meta={
         "kernel_report_commit": rmeta.get("commit", "unknown"),
         "what": "MODELED, not measured: bytes and FLOPs of one training step on datasheet peaks",

@@ -21,7 +21,7 @@ def _load():
 def test_counts(model, C, H):
     rt = _load()
     gpu = rt.GPUS[0]
-    rows = rt.step_rows(gpu, model, C, H, 256, 0.7, 0.35)
+    rows = rt.step_rows(gpu, model, C, H, 256, 0.7, 0.35, rt.read_report(rt.REPORT)[0])
     by = {(r["form"], r["op"].split(":")[0]): r for r in rows}
     # the shared parts are identical in both forms
     for op in ("GEMMs student (forward + backward)", "GEMMs teacher (forward)", "AdamW update"):
