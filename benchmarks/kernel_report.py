@@ -11,12 +11,14 @@ Rows (spvit_kernels/kernel_report.py explains each column):
   policy_attention  the Triton training-attention kernels (forward, key-tile and query-tile backward) in the three
                     dtypes, head dims 32 / 64 / 128, sequences of 16, 75 and 197 tokens.
   selector_train    the Triton training-selector kernels (forward per-head and combine, backward combine and
-                    per-head) for DeiT-S (C/H 384/6, its first stage's 196 rows) in the three dtypes.
+                    per-head) for DeiT-S (C/H 384/6, its first stage's 196 rows) and for head dim 128 (C/H
+                    768/6) in the three dtypes.
   add_layer_norm    the Triton residual add + LayerNorm kernels (forward, backward) of the training block under
                     bf16 autocast (float32 stream, bf16 branch and output) at DeiT-T/S/B widths (192, 384, 768),
                     and with float16 / float32 streams at DeiT-S's.
   gelu_mlp          the Triton GEMMs of the training MLP with GELU in their epilogues (fc1 writing u and gelu(u),
-                    fc2's input gradient times gelu'(u)) in the three dtypes.
+                    fc1 writing gelu(u) alone as a no_grad forward does, fc2's input gradient times gelu'(u)) in
+                    the three dtypes.
   prune_pack        the CUDA C++ kernels of the built extension (--so, default: the imported one; skipped
                     when it was built without CUDA).
 Extra column sass_per_row_head (token_scores' per-head kernel): SASS instructions in its row loops x threads
@@ -96,9 +98,10 @@ def policy_rows(dtypes):
     return rows
 
 
-# (model, C, H, rows M of S): DeiT-S at its first selector (196 spatial rows). The kernels compile per (C, H,
-# dtype) and M's tile size (16 rows up to M = 16, else 32): one shape stands for every stage.
-SELECTOR_TRAIN_SHAPES = [("DeiT-S", 384, 6, 196)]
+# (model, C, H, rows M of S): DeiT-S at its first selector (196 spatial rows), and the widest head dim the Triton
+# backend takes (d = 128, where the backward leaves dW_in to a GEMM). The kernels compile per (C, H, dtype) and
+# M's tile size (16 rows up to M = 16, else 32): one shape stands for every stage.
+SELECTOR_TRAIN_SHAPES = [("DeiT-S", 384, 6, 196), ("head dim 128", 768, 6, 196)]
 
 
 def selector_train_rows(dtypes):

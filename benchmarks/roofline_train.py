@@ -15,18 +15,22 @@ block: the training form keeps the whole tensor), counted op by op as bytes that
     cuBLAS's for their main loops; their epilogues, which evaluate GELU per element, are a separate row: the
     kernel report's straight-line SASS of each kernel, once per tile and thread, on the issue slots or the MUFU,
     not overlapped with the tensor cores: the TOTAL; "TOTAL, GEMM epilogues hidden" drops that row, as when
-    another resident block's main loop covers each epilogue), and its attention output needs no transpose copy;
-    fc1's bias gradient comes from that epilogue, the others stay PyTorch reductions. The AdamW update: 16 bytes
-    read and 12 written per parameter.
+    another resident block's main loop covers each epilogue; the teacher's fc1 is the kernel that writes gelu(u)
+    alone), and its attention output needs no transpose copy; fc1's bias gradient comes from that epilogue, the
+    others stay PyTorch reductions. The AdamW update: 16 bytes read and 12 written per parameter.
   * Attention, where the forms differ:
-      paper form (vit_l2_3keep_senet.py: scores materialised, the eye-matrix policy, fp32 softmax): its batched
-      matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as written, forward (PASSES_FWD)
-      and the autograd passes of its backward (PASSES_BWD), each at its dtype's bytes per element;
+      paper form (vit_l2_3keep_senet.py: q, k, v cast to float32, scores materialised, the eye-matrix policy, fp32
+      softmax): its batched matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as
+      written, forward (PASSES_FWD) and the autograd passes of its backward (PASSES_BWD), each at its dtype's
+      bytes per element, and the casts of q, k, v up and back down (QKV_CASTS, forward and backward); its teacher
+      (VisionTransformerTeacher: the same Attention without a policy) the same way, forward only
+      (TEACHER_PASSES, its matmuls, the casts);
       fused form (torch.ops.spvit.policy_attention, FlashAttention style): q, k, v, policy in, out and the
       row statistics out (forward); q, k, v, out, dout, statistics in, dq, dk, dv, dpolicy out (backward);
       the tensor FLOPs (forward 4 N^2 d per head, backward 10 N^2 d: the scores recomputed) at
       --attention-efficiency of the tensor peak (an assumption: FlashAttention-2 kernels reach roughly 35-70%
-      at d = 64; the kernel report shows no spills and tensor-core MMA for these kernels, not their speed).
+      at d = 64; the kernel report shows no spills and tensor-core MMA for these kernels, not their speed); its
+      teacher timm's attention through SDPA at the same efficiency.
   * The selectors' training forms and the loss are left out (the same order of work in both forms, small).
 Memory: the attention tensors autograd keeps for backward, per step (paper form: the scores after each op that
 its backward needs; fused: out and the row statistics), O(N^2) against O(N).
@@ -65,6 +69,15 @@ PASSES_BWD = [
 # numerator of the division, the bf16 probabilities @ v reads.
 SAVED = [("scaled scores", BF16), ("exp", FP32), ("* policy", FP32), ("+ eps / N", FP32), ("probabilities", BF16)]
 EYE_POLICY = 3 * FP32  # attn_policy = policy + (1 - policy) * eye: a (B, 1, N, N) fp32 tensor written, read
+# The paper code's teacher (VisionTransformerTeacher) runs the same Attention without a policy: its passes over the
+# scores under bf16 autocast (softmax is one of autocast's float32 ops: its input cast up, its output float32, cast
+# down again for `@ v`).
+TEACHER_PASSES = [("q @ k^T (write)", BF16), ("* scale", 2 * BF16), ("softmax: autocast's cast to float32", BF16 + FP32),
+                  ("softmax", 2 * FP32), ("@ v: autocast's cast to bf16", FP32 + BF16), ("@ v (read)", BF16)]
+# The paper code's Attention casts q, k and v to float32 (`qkv[0].float()`), and under autocast its matmuls cast
+# them back to bf16: per token and channel of each, 2 + 4 bytes up and 4 + 2 down, forward; backward the two
+# casts' gradients, the same again. Student and teacher alike (neither exists in the fused form).
+QKV_CASTS = 3 * 2 * (BF16 + FP32)
 
 # Element-wise passes of one timm block per token and channel (bytes read + written) under bf16 autocast: the
 # residual stream float32 (the position embedding is), GEMM outputs bf16, LayerNorm in float32. PyTorch eager:
@@ -88,8 +101,10 @@ EAGER_BWD = [("add 2: the branch's gradient cast to bf16", 6), ("fc2 bias gradie
 FUSED_FWD = [("add_layer_norm x 2", 24), ("gelu_mlp: gelu(u) written by fc1's epilogue (4C)", 8)]
 FUSED_BWD = [("add_layer_norm backward x 2", 32), ("gelu_mlp: u read by the input gradient's epilogue (4C)", 8),
              ("bias gradients: fc2, proj (fc1's: column sums in that epilogue)", 4)]
-# The teacher (no_grad): fc1's epilogue writes gelu(u) instead of u, nothing more.
-FUSED_TEACHER = FUSED_FWD[:1] + [("attention output: transpose copy (timm's attention)", 4)]
+# The teacher (no_grad): fc1's epilogue writes gelu(u) instead of u, nothing more. Its timm attention needs no
+# transpose copy: PyTorch's fused SDPA kernels (flash, memory-efficient, cuDNN) write their output (B, N, H, d)-major
+# and return it as a (B, H, N, d) view, so timm's transpose(1, 2).reshape(B, N, C) is a view again.
+FUSED_TEACHER = FUSED_FWD[:1]
 # The training forward fuses across the blocks of a segment (between two selectors): each of DeiT's 4 segments
 # ends with a plain add (10 bytes; its backward a cast, 6) and starts with a norm without a branch (6 instead of
 # 12; backward: dx and the residual gradient accumulated, 10 + 12 instead of 16).
@@ -144,15 +159,25 @@ def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff, report):
             row(form, f"{what}: LayerNorms, casts, GELU, residual adds ({per_block} bytes per token and channel "
                 f"per block)", nbytes / gpu.bandwidth, gbytes=nbytes / 1e9, bound="bytes")
         row(form, "AdamW update", 28 * params / gpu.bandwidth, gbytes=28 * params / 1e9, bound="bytes")
-        # the teacher's attention: timm's fused SDPA (forward only), the same in both forms
-        t_flops = 4 * B * H * N * N * d * DEPTH
-        t_bytes = 4 * T * C * BF16 * DEPTH
-        row(form, "attention teacher (SDPA forward)", max(t_flops / (gpu.tensor_flops * attn_eff),
-                                                           t_bytes / gpu.bandwidth), gflop=t_flops / 1e9,
-            gbytes=t_bytes / 1e9, bound=f"tensor x {attn_eff}")
-    # gelu_mlp's epilogues: fc1 (GELU on u) in the student's and the teacher's forward, fc2's input gradient
-    # (GELU's derivative on du) in the student's backward
-    t_epi = DEPTH * (2 * epilogue_time(gpu, report, "fc1", T, 4 * C)
+    # the teacher's attention: fused, timm's SDPA (forward only); the paper code's teacher materialises its scores
+    t_flops = 4 * B * H * N * N * d * DEPTH
+    t_bytes = 4 * T * C * BF16 * DEPTH
+    row("fused", "attention teacher (SDPA forward)", max(t_flops / (gpu.tensor_flops * attn_eff),
+                                                          t_bytes / gpu.bandwidth), gflop=t_flops / 1e9,
+        gbytes=t_bytes / 1e9, bound=f"tensor x {attn_eff}")
+    row("paper", "attention teacher: batched matmuls (forward)", t_flops / (gpu.tensor_flops * gemm_eff),
+        gflop=t_flops / 1e9, bound=f"tensor x {gemm_eff}")
+    per_elem_t = sum(b for _, b in TEACHER_PASSES)
+    teacher_bytes = per_elem_t * E * DEPTH
+    row("paper", f"attention teacher: {len(TEACHER_PASSES)} passes over B H N^2 scores ({per_elem_t} bytes per "
+        f"element)", teacher_bytes / gpu.bandwidth, gbytes=teacher_bytes / 1e9, bound="bytes")
+    cast_bytes = 3 * QKV_CASTS * T * C * DEPTH  # student forward and backward, teacher forward
+    row("paper", f"attention: q, k, v cast to float32 and back ({QKV_CASTS} bytes per token and channel per block; "
+        "student forward and backward, teacher forward)", cast_bytes / gpu.bandwidth, gbytes=cast_bytes / 1e9,
+        bound="bytes")
+    # gelu_mlp's epilogues: fc1 (GELU on u) in the student's forward and, writing gelu(u) alone, the teacher's;
+    # fc2's input gradient (GELU's derivative on du) in the student's backward
+    t_epi = DEPTH * (epilogue_time(gpu, report, "fc1", T, 4 * C) + epilogue_time(gpu, report, "fc1_nograd", T, 4 * C)
                      + epilogue_time(gpu, report, "fc2_dgrad", T, 4 * C))
     row("fused", "gelu_mlp GEMM epilogues: GELU on u and du (issue slots, not overlapped with the MMA)", t_epi,
         bound="issue (kernel report)")

@@ -316,7 +316,7 @@ def selector_train_stats(arch, dtype, channels, num_heads, seqlen, kernel):
     compiles it: S and dS in the tokens' dtype, everything else float32 (the selector's weights included)."""
     from .triton import selector_train as mod
 
-    meta = mod.launch_meta(channels, num_heads, dtype, seqlen)[kernel]
+    meta = mod.launch_meta(channels, num_heads, dtype, seqlen, arch=arch)[kernel]
     c = meta["constexprs"]
     fn = _jit_function(getattr(mod, kernel))
     types = {}
@@ -374,24 +374,25 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
     return triton_stats(f"add_layer_norm_{part}", config, arch, k, meta["num_warps"]), c
 
 
-# The two GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU, BIAS_GRAD) and the strides equal to 1 (which a launch
-# specialises) for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
+# The GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU, BIAS_GRAD, STORE_C) and the strides equal to 1 (which a
+# launch specialises) for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
 GELU_MLP_GEMMS = {
-    "fc1": ((True, True, False, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # [u, gelu(u)] = h w1^T + b1
-    "fc2_dgrad": ((False, False, True, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du, db1
+    "fc1": ((True, True, False, False, True), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # [u, gelu(u)] = h w1^T + b1
+    "fc1_nograd": ((True, True, False, False, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # gelu(u) alone
+    "fc2_dgrad": ((False, False, True, True, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du, db1
 }
 
 
 @functools.lru_cache(maxsize=None)
 def gelu_mlp_stats(arch, dtype, part):
-    """One of gelu_mlp's Triton GEMMs (part: "fc1", "fc2_dgrad"; GELU_MLP_GEMMS) with operands of dtype, in the
+    """One of gelu_mlp's Triton GEMMs (part: "fc1", "fc1_nograd", "fc2_dgrad"; GELU_MLP_GEMMS) with operands of dtype, in the
     tiles its launcher picks; sizes and the other strides multiples of 16."""
     from .triton import gelu_mlp as mod
 
     meta = mod.launch_meta(dtype)
-    (has_bias, gelu_out, dgelu, bias_grad), unit = GELU_MLP_GEMMS[part]
+    (has_bias, gelu_out, dgelu, bias_grad, store_c), unit = GELU_MLP_GEMMS[part]
     c = dict(meta["constexprs"], HAS_BIAS=has_bias, GELU_OUT=gelu_out, DGELU=dgelu, BIAS_GRAD=bias_grad,
-             STORE_C=True, UPCAST_DOTS=False, **unit)
+             STORE_C=store_c, UPCAST_DOTS=False, **unit)
     fn = _jit_function(mod._gelu_matmul_kernel)
     ptr = _TL_PTR[dtype]
     types = dict(A=ptr, B=ptr, C=ptr, G=ptr, BIAS=ptr, AUX=ptr, DBP="*fp32")

@@ -22,3 +22,25 @@ def test_ours_saves_less_for_backward():
     paper = bench_train_step.saved_bytes(model, loss_fn, images, targets, "paper_form")
     ours = bench_train_step.saved_bytes(model, loss_fn, images, targets, "ours")
     assert 0 < ours < paper
+
+
+def test_paper_teacher_attention():
+    """Within paper_form() timm's Attention.forward is the paper code's teacher form (float32 q, k, v, scores
+    materialised), equal to timm's own forward up to rounding; outside it, timm's forward again."""
+    from timm.models.vision_transformer import Attention
+
+    import paper_form
+
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=3, qkv_bias=True).eval()
+    x = torch.randn(2, 13, 48)
+    want = attn(x)
+    timm_forward = Attention.forward
+    with paper_form.paper_form():
+        assert Attention.forward is paper_form.paper_teacher_attention
+        got = attn(x)
+    assert Attention.forward is timm_forward
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # its own scores, not timm's SDPA call: it reads attn.scale (as the paper code's Attention), which SDPA ignores
+    attn.scale = attn.scale * 2
+    assert (paper_form.paper_teacher_attention(attn, x) - want).abs().max() > 1e-3

@@ -37,13 +37,15 @@ TOKEN_SCORES_CASES = [("bfloat16", 384, 6), ("float16", 768, 12), ("float32", 38
 POLICY_CASES = [("bfloat16", 64, 197), ("float16", 128, 197), ("float32", 64, 197), ("float32", 128, 197),
                 ("float32", 128, 16), ("bfloat16", 32, 197), ("float32", 32, 16)]
 POLICY_PARTS = ("fwd", "bwd_kv", "bwd_q")
-# selector_train (training): DeiT-S's selector (C/H 384/6) at its first stage's 196 rows, bf16 and fp32.
-SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196)]
+# selector_train (training): DeiT-S's selector (C/H 384/6) at its first stage's 196 rows, bf16 and fp32, and the
+# widest head dim the Triton backend takes (d = 128: its backward writes da and ln instead of tiling dW_in).
+SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196), ("bfloat16", 768, 6, 196),
+                        ("float32", 768, 6, 196)]
 # add_layer_norm (training): the block's residual add + LayerNorm under bf16 autocast (float32 stream, bf16
 # branch and output) at DeiT-T/S/B widths, and a float16 stream at DeiT-S's.
 ADD_LN_CASES = [("float32", "bfloat16", "bfloat16", C) for C in (192, 384, 768)] + [
     ("float16", "float16", "float16", 384)]
-# gelu_mlp (training): its two epilogue-fused GEMMs in the three dtypes.
+# gelu_mlp (training): its epilogue-fused GEMMs (fc1 with and without u, fc2's input gradient), three dtypes.
 GELU_MLP_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = (80, 90)
 
@@ -244,8 +246,10 @@ def _selector_train_dots(r):
     m = c["BLOCK_M"]
     if "BLOCK_D" in c:
         d = c["BLOCK_D"]
-        # forward: LN(x) W_in^T; backward: the same again, da^T LN(x) (dW_in), da W_in (dLN)
-        return [(m, d, d)] if r["kernel"].endswith("fwd_head") else [(m, d, d), (d, d, m), (m, d, d)]
+        # forward: LN(x) W_in^T; backward: the same again, da^T LN(x) (dW_in, unless left to a GEMM), da W_in (dLN)
+        if r["kernel"].endswith("fwd_head"):
+            return [(m, d, d)]
+        return [(m, d, d)] + ([(d, d, m)] if c["DW_IN_TILE"] else []) + [(m, d, d)]
     d2, d4 = c["BLOCK_D2"], c["BLOCK_D4"]
     fwd = [(m, d2, d2), (m, d4, d2)]  # the score MLP's first two layers
     if r["kernel"].endswith("fwd_combine"):
@@ -291,7 +295,7 @@ def test_gelu_mlp_kernels(report):
     loop), float32 (IEEE, PyTorch's default) on FMA; the K loop free of GELU (it is evaluated in the epilogue,
     once per output element)."""
     rows = _rows(report, "gelu_mlp")
-    assert len(rows) == len(ARCHS) * len(GELU_MLP_DTYPES) * 2
+    assert len(rows) == len(ARCHS) * len(GELU_MLP_DTYPES) * 3  # fc1, fc1_nograd (the teacher's), fc2_dgrad
     for r in rows:
         assert r["loops"] >= 1 and r["widest_load_bits"] == 128, _name(r)
         if r["dtype"] == "float32":

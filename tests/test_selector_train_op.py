@@ -309,6 +309,39 @@ def test_triton_head_counts(C, H):
 
 @requires_triton_interpret
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("C, H, M", [(160, 2, 13), (384, 3, 31)], ids=["d80", "d128"])
+def test_triton_wide_heads(C, H, M, dtype):
+    """d > 64 (BLOCK_D = 128): the backward writes da and ln and dW_in comes from one GEMM after the kernel."""
+    from spvit_kernels.triton import selector_train as triton_selector
+
+    assert triton_selector.launch_meta(C, H, dtype, M)["_bwd_head_kernel"]["constexprs"]["DW_IN_TILE"] is False
+    _check("triton", 2, M, C, H, dtype)
+
+
+@requires_triton_interpret
+@pytest.mark.triton_interpret
+def test_triton_wide_heads_poisoned_buffers(monkeypatch):
+    """The wide path's da / ln buffers start as NaN: every element the dW_in GEMM reads must have been written."""
+    sel = _selector(160, 2)
+    S, weights, dscore, dprob = _inputs(2, 9, 160, 2, torch.float32)
+    params = list(sel.op_weights())
+    want = _grads(_op("triton", 2), S, weights, params, dscore, dprob)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = _grads(_op("triton", 2), S, weights, params, dscore, dprob)
+    monkeypatch.setattr(torch, "empty", empty)
+    for x, y in zip(got[:2] + tuple(got[2]), want[:2] + tuple(want[2])):
+        assert torch.equal(x, y)
+
+
+@requires_triton_interpret
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("B, M", [(2, 0), (0, 5)])
 def test_triton_empty(B, M):
     sel = _selector(32, 2)

@@ -24,6 +24,8 @@ programs as per-program partials summed afterwards (in the next kernel, or by to
     `_bwd_head_kernel`     grid (row chunks, B * H): dglob summed over the tiles, du = [du_loc, m_i / T dglob],
                            back through GELU, W_in (two dots) and the LayerNorm -> dS (+ dhbar / d), dm per row and
                            head (summed over heads by torch), partials of dW_in, db_in, dgamma, dbeta per chunk.
+                           Wide heads (d > 64): da and the LayerNorm output ln written instead of dW_in's partial,
+                           and dW_in = da^T ln one PyTorch GEMM over all rows and heads (float32; see launch_meta).
 Precision: statistics, GELU (exact erf), softmax, dot operands and accumulation in float32. S enters no dot (the
 LayerNorm comes first), so every tl.dot multiplies float32 intermediates: as TF32 on the tensor cores for 16-bit S,
 exact float32 ("ieee", FMA) for float32 S unless torch.backends.cuda.matmul.allow_tf32 (see `dot_precision`).
@@ -368,9 +370,9 @@ def _bwd_combine_kernel(DSCORE, DPROB, SCORE, PROB, ULOC, MEAN, GLOB,
 
 @triton.jit(do_not_specialize=["M", "rows_per_chunk", "n_chunks", "n_tiles"])
 def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RSTD, GLOB, DULOC, DGPART, DHBAR,
-                     DS, stride_db, stride_dm, DM, DWIN_P, DBIN_P, DLNW_P, DLNB_P,
+                     DS, stride_db, stride_dm, DM, DWIN_P, DBIN_P, DLNW_P, DLNB_P, DA, LNOUT,
                      M, H, rows_per_chunk, n_chunks, n_tiles, tiny,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DW_IN_TILE: tl.constexpr,
                      PRECISION: tl.constexpr, EMULATE_TF32: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -398,7 +400,9 @@ def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RST
     x_img = S + b * stride_sb + h * D
     dx_img = DS + b * stride_db + h * D
     stat_img = b * M * H + h
-    dw_in = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # (n, k)
+    # DW_IN_TILE: dW_in's partial accumulates here; otherwise (wide heads) da and ln go to DA / LNOUT, rows
+    # (b, m, h) of a (B * M * H, D) matrix each, for one GEMM after the kernel.
+    dw_in = tl.zeros([BLOCK_D if DW_IN_TILE else 16, BLOCK_D if DW_IN_TILE else 16], dtype=tl.float32)  # (n, k)
     db_in = tl.zeros([BLOCK_D], dtype=tl.float32)
     dlnw = tl.zeros([BLOCK_D], dtype=tl.float32)
     dlnb = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -419,7 +423,12 @@ def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RST
         dm = tl.sum(tl.where(gmask[None, :], (u - glob_t[None, :]) * dglob[None, :], 0.0), axis=1) * inv_t
         tl.store(DM + stat_img + rows * H, dm, mask=rmask)
         da = tl.where(xmask, du * gu, 0.0)
-        dw_in += _mm(tl.trans(da), ln, PRECISION, EMULATE_TF32)
+        if DW_IN_TILE:
+            dw_in += _mm(tl.trans(da), ln, PRECISION, EMULATE_TF32)
+        else:
+            da_off = ((b * M + rows[:, None]) * H + h) * D + offs_d[None, :]
+            tl.store(DA + da_off, da, mask=xmask)
+            tl.store(LNOUT + da_off, ln, mask=xmask)
         db_in += tl.sum(da, axis=0)
         dln = _mm(da, w_in, PRECISION, EMULATE_TF32)
         dlnw += tl.sum(dln * xhat, axis=0)
@@ -431,7 +440,8 @@ def _bwd_head_kernel(S, stride_sb, stride_sm, WTS, LNW, LNB, WIN, BIN, MEAN, RST
         dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None]) + (dhbar / D)[:, None]
         tl.store(dx_img + rows[:, None] * stride_dm + offs_d[None, :], dx.to(DS.dtype.element_ty), mask=xmask)
     dd = dmask[:, None] & dmask[None, :]
-    tl.store(DWIN_P + part * D * D + offs_d[:, None] * D + offs_d[None, :], dw_in, mask=dd)
+    if DW_IN_TILE:
+        tl.store(DWIN_P + part * D * D + offs_d[:, None] * D + offs_d[None, :], dw_in, mask=dd)
     tl.store(DBIN_P + part * D + offs_d, db_in, mask=dmask)
     tl.store(DLNW_P + part * D + offs_d, dlnw, mask=dmask)
     tl.store(DLNB_P + part * D + offs_d, dlnb, mask=dmask)
@@ -470,9 +480,9 @@ def dot_precision(dtype):
     return "tf32" if dtype != torch.float32 else _dot_precision(dtype)
 
 
-def launch_meta(channels, num_heads, dtype, seqlen, *, interpret=False):
-    """{kernel name: dict(constexprs, num_warps)} of the four kernels for (C, H, S's dtype, M): what a launch
-    compiles (interpret: under TRITON_INTERPRET=1), also used by spvit_kernels.kernel_report."""
+def launch_meta(channels, num_heads, dtype, seqlen, *, interpret=False, arch=90):
+    """{kernel name: dict(constexprs, num_warps)} of the four kernels for (C, H, S's dtype, M) on sm_<arch>: what
+    a launch compiles (interpret: under TRITON_INTERPRET=1), also used by spvit_kernels.kernel_report."""
     d = channels // num_heads
     precision = dot_precision(dtype)
     common = dict(D=d, BLOCK_M=block_m(seqlen), PRECISION=precision, EMULATE_TF32=interpret and precision == "tf32")
@@ -483,17 +493,30 @@ def launch_meta(channels, num_heads, dtype, seqlen, *, interpret=False):
     # 12; benchmarks/kernel_report.py). The backward kernels hold float32 accumulators (dW_in (d, d); dW1, dW2)
     # and many live tiles: 8 warps and 16-row tiles (32 rows spill: the combine's for H = 3 and 12 with 16-bit S,
     # the per-(image, head) one on sm_90 for float32). Above d = 64 the (d, d) tiles quadruple: the per-(image,
-    # head) kernels take 16 warps (the forward spills with 8 for float32; the backward still spills 12-532 bytes
-    # at d = 128, its dW_in and W_in tiles within the 128 registers per thread of 512 threads).
+    # head) kernels take 16 warps (the forward spills with 8 for float32), and the backward leaves dW_in to one
+    # GEMM after it (DW_IN_TILE False: it writes da and ln, 8 bytes per row and channel): a (d, d) float32
+    # accumulator beside W_in in both dot layouts spilled 12-532 bytes within the 128 registers per thread of 512
+    # threads. The float32 backward combine there: 8 warps on sm_90 (171-183 registers for d = 80-128, H = 2-16),
+    # 16 on sm_80 for H > 2 (8 spilled 8-16 bytes at some H; 16 spilled 24 at H = 2, where 8 do not).
     wide = head["BLOCK_D"] > 64
+    comb_warps = 16 if wide and dtype == torch.float32 and arch < 90 and num_heads > 2 else 8
     return {"_fwd_head_kernel": dict(constexprs=head, num_warps=16 if wide else 4),
             "_fwd_combine_kernel": dict(constexprs=combine, num_warps=8),
-            "_bwd_combine_kernel": dict(constexprs=dict(combine, BLOCK_M=16), num_warps=8),
-            "_bwd_head_kernel": dict(constexprs=dict(head, BLOCK_M=16), num_warps=16 if wide else 8)}
+            "_bwd_combine_kernel": dict(constexprs=dict(combine, BLOCK_M=16), num_warps=comb_warps),
+            "_bwd_head_kernel": dict(constexprs=dict(head, BLOCK_M=16, DW_IN_TILE=not wide),
+                                     num_warps=16 if wide else 8)}
 
 
 def _device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _arch(t):
+    """sm_<arch> of t's GPU as an int (90 off the GPU: the interpreter ignores warps)."""
+    if not t.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 def _check_head_dim(S, num_heads):
@@ -524,7 +547,7 @@ def selector_train_fwd_triton(S, weights, num_heads, *params):
     rstd = torch.empty((B, M, H), dtype=f32, device=dev)
     if B * M == 0:
         return score, prob, u_loc, glob, mean, rstd
-    metas = launch_meta(C, H, S.dtype, M, interpret=dev.type == "cpu")
+    metas = launch_meta(C, H, S.dtype, M, interpret=dev.type == "cpu", arch=_arch(S))
     head, comb = metas["_fwd_head_kernel"], metas["_fwd_combine_kernel"]
     per, n_chunks = row_chunks(M, B * H, head["constexprs"]["BLOCK_M"])
     gpart = torch.empty((B, n_chunks, H, d2), dtype=f32, device=dev)
@@ -553,7 +576,7 @@ def selector_train_bwd_triton(dscore, dprob, S, weights, num_heads, *rest):
     if B * M == 0:  # no rows: every gradient is an empty or zero sum
         return (torch.zeros_like(S), torch.zeros_like(weights), *(torch.zeros_like(p) for p in params))
     dS = torch.empty((B, M, C), dtype=S.dtype, device=dev)
-    metas = launch_meta(C, H, S.dtype, M, interpret=dev.type == "cpu")
+    metas = launch_meta(C, H, S.dtype, M, interpret=dev.type == "cpu", arch=_arch(S))
     head, comb = metas["_bwd_head_kernel"], metas["_bwd_combine_kernel"]
     n_tiles = triton.cdiv(M, comb["constexprs"]["BLOCK_M"])
     per, n_chunks = row_chunks(M, B * H, head["constexprs"]["BLOCK_M"])
@@ -562,7 +585,9 @@ def selector_train_bwd_triton(dscore, dprob, S, weights, num_heads, *rest):
     du_loc, dgpart, dhbar, dm = e(B, M, H, d2), e(B, n_tiles, H, d2), e(B, M, H), e(B, M, H)
     comb_parts = [e(P1, d2, d), e(P1, d2), e(P1, d4, d2), e(P1, d4), e(P1, 2, d4), e(P1, 2), e(P1, hh, H),
                   e(P1, hh), e(P1, H, hh), e(P1, H)]
-    head_parts = [e(P2, d, d), e(P2, d), e(P2, d), e(P2, d)]
+    tile_dw_in = head["constexprs"]["DW_IN_TILE"]
+    head_parts = [e(P2, d, d) if tile_dw_in else e(0, d, d), e(P2, d), e(P2, d), e(P2, d)]
+    da, ln = (e(0), e(0)) if tile_dw_in else (e(B * M * H, d), e(B * M * H, d))
     lnw, lnb, w_in, b_in, w1, b1, w2, b2, w3, b3, sw1, sb1, sw2, sb2 = (p.contiguous() for p in params)
     with _device(S):
         _bwd_combine_kernel[(n_tiles, B)](
@@ -570,10 +595,12 @@ def selector_train_bwd_triton(dscore, dprob, S, weights, num_heads, *rest):
             du_loc, dgpart, dhbar, *comb_parts, M, n_tiles, **comb["constexprs"], num_warps=comb["num_warps"])
         _bwd_head_kernel[(n_chunks, B * H)](
             S, S.stride(0), S.stride(1), weights, lnw, lnb, w_in, b_in, mean, rstd, glob, du_loc, dgpart, dhbar,
-            dS, dS.stride(0), dS.stride(1), dm, *head_parts, M, H, per, n_chunks, n_tiles, _TINY,
+            dS, dS.stride(0), dS.stride(1), dm, *head_parts, da, ln, M, H, per, n_chunks, n_tiles, _TINY,
             **head["constexprs"], num_warps=head["num_warps"])
     # The weight gradients: per-program partials summed here (a fixed-order reduction, no atomics).
     dw_in, db_in, dlnw, dlnb = (t.sum(0) for t in head_parts)
+    if not tile_dw_in:  # (n, k) = the sum over rows (b, m, h) of da_n ln_k
+        dw_in = da.t() @ ln
     dw1, db1, dw2, db2, dw3, db3, dsw1, dsb1, dsw2, dsb2 = (t.sum(0) for t in comb_parts)
     grads = (dlnw, dlnb, dw_in, db_in, dw1, db1, dw2, db2, dw3, db3, dsw1, dsb1, dsw2, dsb2)
     return (dS, dm.sum(-1).to(weights.dtype), *(g.to(p.dtype) for g, p in zip(grads, params)))
