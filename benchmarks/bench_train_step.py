@@ -6,7 +6,8 @@
 Step: the training forward (model.train(), Gumbel noise drawn from a fixed seed), SPViTLoss with the dense backbone as
 teacher (its forward under no_grad is part of the step), backward; no optimiser step (the same for both providers).
 Providers (benchmarks/paper_form.py): "paper_form" (eye-matrix policy attention in plain autograd, a Python loop
-over the heads in the selector, PyTorch-eager blocks, as the official code) and, on the CPU, "ours" (the one-buffer
+over the heads in the selector, PyTorch-eager blocks, the teacher's attention with its scores materialised, as the
+official code) and, on the CPU, "ours" (the one-buffer
 policy-attention autograd function, all heads in one batched selector); on a GPU "reference" (those PyTorch forms,
 the fused kernels switched off with spvit_kernels.training.fused_kernels(False)) and "fused" (the training forward
 as it runs on a GPU: policy_attention, selector_train, add_layer_norm and gelu_mlp kernels). All run the same
