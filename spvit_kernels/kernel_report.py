@@ -377,7 +377,8 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
 # The GEMMs of gelu_mlp: (HAS_BIAS, GELU_OUT, DGELU, BIAS_GRAD, STORE_C) and the strides equal to 1 (which a
 # launch specialises) for h (M, C), w1 (F, C), w2 (C_out, F), dout (M, C_out) as the launcher passes them.
 GELU_MLP_GEMMS = {
-    "fc1": ((True, True, False, False, True), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # [u, gelu(u)] = h w1^T + b1
+    # [u, gelu(u)] = h w1^T + b1
+    "fc1": ((True, True, False, False, True), dict(stride_ak=1, stride_bk=1, stride_cn=1)),
     "fc1_nograd": ((True, True, False, False, False), dict(stride_ak=1, stride_bk=1, stride_cn=1)),  # gelu(u) alone
     "fc2_dgrad": ((False, False, True, True, True), dict(stride_ak=1, stride_bn=1, stride_cn=1)),  # du, db1
 }
@@ -385,8 +386,8 @@ GELU_MLP_GEMMS = {
 
 @functools.lru_cache(maxsize=None)
 def gelu_mlp_stats(arch, dtype, part):
-    """One of gelu_mlp's Triton GEMMs (part: "fc1", "fc1_nograd", "fc2_dgrad"; GELU_MLP_GEMMS) with operands of dtype, in the
-    tiles its launcher picks; sizes and the other strides multiples of 16."""
+    """One of gelu_mlp's Triton GEMMs (part: "fc1", "fc1_nograd", "fc2_dgrad"; GELU_MLP_GEMMS) with operands of
+    dtype, in the tiles its launcher picks; sizes and the other strides multiples of 16."""
     from .triton import gelu_mlp as mod
 
     meta = mod.launch_meta(dtype)

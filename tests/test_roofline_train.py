@@ -31,9 +31,26 @@ def test_counts(model, C, H):
     want = 3 * (24 * T * C * C * 12 + 2 * 256 * 196 * 768 * C + 2 * 256 * C * 1000) / 1e9
     assert by[("paper", "GEMMs student (forward + backward)")]["gflop"] == pytest.approx(want, abs=0.01)
     # the paper form's score passes: bytes per element x B H N^2 x 12 blocks
-    paper = [r for r in rows if r["form"] == "paper" and "passes over" in r["op"]][0]
+    paper = [r for r in rows if r["form"] == "paper" and r["op"].startswith("attention student") and "passes over"
+             in r["op"]][0]
     per_elem = sum(b for _, b in rt.PASSES_FWD) + sum(b for _, b in rt.PASSES_BWD) + rt.EYE_POLICY / H
     assert paper["gbytes"] == pytest.approx(per_elem * 256 * H * 197 * 197 * 12 / 1e9, rel=1e-3)
+    # the paper code's teacher: its own passes over its scores (forward only) and its matmuls; q, k, v cast to
+    # float32 and back in the student (forward and backward) and the teacher
+    teacher = [r for r in rows if r["form"] == "paper" and r["op"].startswith("attention teacher")]
+    assert rt.TEACHER_PASSES and sum(b for _, b in rt.TEACHER_PASSES) == 28 and rt.QKV_CASTS == 36
+    t_passes = [r for r in teacher if "passes over" in r["op"]][0]
+    assert t_passes["gbytes"] == pytest.approx(28 * 256 * H * 197 * 197 * 12 / 1e9, rel=1e-3)
+    t_mm = [r for r in teacher if "matmuls" in r["op"]][0]
+    assert t_mm["gflop"] == pytest.approx(4 * 256 * H * 197 * 197 * (C // H) * 12 / 1e9, abs=0.01)
+    casts = {r["op"].split(":")[0]: r["gbytes"] for r in rows if "cast to float32 and back" in r["op"]}
+    assert casts["attention teacher"] == pytest.approx(36 * T * C * 12 / 1e9, rel=1e-3)
+    assert casts["attention student"] == pytest.approx(2 * casts["attention teacher"], rel=1e-3)
+    assert not any(r["form"] == "fused" and "cast to float32" in r["op"] for r in rows)
+    # drop path: the same row in both forms
+    dp = [r for r in rows if r["op"].startswith("drop path")]
+    assert len(dp) == 2 and dp[0]["modeled_ms"] == dp[1]["modeled_ms"] > 0
+    assert dp[0]["gbytes"] == pytest.approx(rt.DROP_PATH * T * C * 12 / 1e9, rel=1e-3)
     # the element-wise passes: bytes per token and channel per block x T C x 12 blocks (+ the fused form's
     # segment ends); add_layer_norm cuts the student's and the teacher's
     elt = {(r["form"], r["op"].split(":")[0]): r["gbytes"] for r in rows if "residual adds" in r["op"]}
