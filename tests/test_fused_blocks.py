@@ -172,6 +172,30 @@ def test_teacher_features_through_the_op(backend, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+def test_lvvit_teacher_through_the_op(backend, monkeypatch):
+    """An LVViT teacher (timm Blocks whose branches are divided by skip_lam) through the fused norms and MLPs: the
+    same logits and tokens as its blocks and norm run one by one."""
+    from spvit_kernels.models.lvvit import LVViT
+    from spvit_kernels.training import teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = LVViT(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=3, num_heads=2).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():  # off the (1, 0) LayerNorm init and the zero biases
+            p.add_(0.1 * torch.randn_like(p))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = teacher_outputs(teacher, images)
+        calls, mlp_calls = [], []
+        _through_op(monkeypatch, backend, calls, mlp_calls)
+        got = teacher_outputs(teacher, images)
+    assert len(calls) >= 2 * len(teacher.blocks) + 1 and len(mlp_calls) == len(teacher.blocks)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
 def test_fused_kernels_switch():
     from spvit_kernels import _fusion
     from spvit_kernels.training import fused_kernels

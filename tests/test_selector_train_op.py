@@ -412,7 +412,7 @@ def test_triton_rejects_wide_heads():
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B, M, C, H", [(4, 196, 384, 6), (3, 75, 192, 3), (2, 123, 256, 2)])
+@pytest.mark.parametrize("B, M, C, H", [(4, 196, 384, 6), (3, 75, 192, 3), (2, 123, 256, 2), (2, 49, 768, 6)])
 def test_gpu_triton(B, M, C, H, dtype):
     sel = _selector(C, H)
     S, weights, dscore, dprob = _inputs(B, M, C, H, dtype)

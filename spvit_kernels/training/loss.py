@@ -24,7 +24,8 @@ def teacher_outputs(teacher, images):
 
     A timm VisionTransformer (or distilled / register / class-free one) is read through forward_features /
     forward_head; a timm PiT through its stages (tokens: the last grid, normed like the class row); the
-    library's LVViT through embed / blocks / norm; any other module must return (logits, tokens)."""
+    library's LVViT through embed / blocks / norm; any other module must return (logits, tokens). The ViT's and
+    the LVViT's blocks run through the fused norms and MLPs where those serve them (on a GPU)."""
     from timm.models.pit import PoolingVisionTransformer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -41,9 +42,12 @@ def teacher_outputs(teacher, images):
         return teacher.forward_head(teacher.norm(cls)), teacher.norm(grid.flatten(2).transpose(1, 2))
     if isinstance(teacher, LVViT):
         x = teacher.embed(images)
-        for block in teacher.blocks:
-            x = block(x)
-        x = teacher.norm(x)
+        if _fusable(teacher.blocks, x):
+            x = _fused_blocks_norm(teacher.blocks, x, teacher.norm)
+        else:
+            for block in teacher.blocks:
+                x = block(x)
+            x = teacher.norm(x)
         return teacher.forward_head(x), x[:, 1:]
     out = teacher(images)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
@@ -52,24 +56,35 @@ def teacher_outputs(teacher, images):
     return tuple(out)
 
 
-def _fused_vit_features(teacher, images):
-    """timm's forward_features with every residual add fused into the LayerNorm that reads it (the last one into
-    the final norm; models/add_norm.py) and GELU into each MLP's fc2 (models/fused_mlp.py), where the fused op
-    serves the teacher's norms (CUDA with Triton) and its blocks are plain timm Blocks; None elsewhere (the
-    caller runs forward_features)."""
+def _fusable(blocks, x):
+    """Whether the fused norms serve these blocks on x: timm Blocks (any layer scale: LV-ViT's divides by skip_lam)
+    whose norm the add_layer_norm backend takes on x's device (CUDA with Triton)."""
     from timm.models.vision_transformer import Block
 
+    from ..models import add_norm as fused
+
+    return (len(blocks) > 0 and all(type(b) is Block for b in blocks)
+            and fused.fused_backend(blocks[0].norm1, x.new_empty((0, x.shape[-1]))) is not None)
+
+
+def _fused_blocks_norm(blocks, x, norm):
+    """norm(blocks(x)) with every residual add fused into the LayerNorm that reads it (the last one into `norm`;
+    models/add_norm.py) and GELU into each MLP's fc2 (models/fused_mlp.py); for blocks that `_fusable` admits."""
     from ..models import add_norm as fused
     from ..models.fused_mlp import mlp_forward
     from ..models.timm_block import blocks_forward_carried
 
-    probe = images.new_empty((0, teacher.embed_dim))
-    if not hasattr(teacher, "_pos_embed") or any(type(b) is not Block for b in teacher.blocks) \
-            or fused.fused_backend(teacher.blocks[0].norm1, probe) is None:
+    x, pending = blocks_forward_carried(blocks, x, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
+    return fused.add_norm(norm, x, pending)[1]
+
+
+def _fused_vit_features(teacher, images):
+    """timm's forward_features through _fused_blocks_norm where the fused ops serve it; None elsewhere (the caller
+    runs forward_features)."""
+    if not hasattr(teacher, "_pos_embed") or not _fusable(teacher.blocks, images.new_empty((0, teacher.embed_dim))):
         return None
     x = teacher.norm_pre(teacher.patch_drop(teacher._pos_embed(teacher.patch_embed(images))))
-    x, pending = blocks_forward_carried(teacher.blocks, x, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
-    return fused.add_norm(teacher.norm, x, pending)[1]
+    return _fused_blocks_norm(teacher.blocks, x, teacher.norm)
 
 
 def _f32(t):
