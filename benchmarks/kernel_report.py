@@ -15,7 +15,8 @@ Rows (spvit_kernels/kernel_report.py explains each column):
                     768/6) in the three dtypes.
   add_layer_norm    the Triton residual add + LayerNorm kernels (forward, backward) of the training block under
                     bf16 autocast (float32 stream, bf16 branch and output) at DeiT-T/S/B widths (192, 384, 768),
-                    and with float16 / float32 streams at DeiT-S's.
+                    with and without the per-row branch scale (stochastic depth), and with float16 / float32
+                    streams at DeiT-S's.
   gelu_mlp          the Triton GEMMs of the training MLP with GELU in their epilogues (fc1 writing u and gelu(u),
                     fc1 writing gelu(u) alone as a no_grad forward does, fc2's input gradient times gelu'(u)) in
                     the three dtypes.
@@ -126,9 +127,11 @@ def add_layer_norm_rows(quick):
     for arch in ARCHS:
         for i, dts in enumerate(ADD_LN_DTYPES[:1] if quick else ADD_LN_DTYPES):
             for model, C in ADD_LN_WIDTHS if i == 0 else ADD_LN_WIDTHS[1:2]:
-                for part in kr.ADD_LAYER_NORM_KERNELS:
-                    stats, _ = kr.add_layer_norm_stats(arch, *dts, C, part)
-                    rows.append(dict(stats.row(), models=model, dtype=_dtype_name(dts[0])))
+                # the autocast block with stochastic depth's per-row branch scale too (the student's adds)
+                for scaled in (False, True) if i == 0 else (False,):
+                    for part in kr.ADD_LAYER_NORM_KERNELS:
+                        stats, _ = kr.add_layer_norm_stats(arch, *dts, C, part, scaled)
+                        rows.append(dict(stats.row(), models=model, dtype=_dtype_name(dts[0])))
     return rows
 
 

@@ -18,7 +18,9 @@ block: the training form keeps the whole tensor), counted op by op as bytes that
     another resident block's main loop covers each epilogue; the teacher's fc1 is the kernel that writes gelu(u)
     alone), and its attention output needs no transpose copy; fc1's bias gradient comes from that epilogue, the
     others stay PyTorch reductions. The AdamW update: 16 bytes read and 12 written per parameter. Stochastic depth
-    (DROP_PATH: the recipe's --drop-path 0.1 scales the student's branches per image) the same in both forms.
+    (the recipe's --drop-path 0.1 scales the student's branches per image): a pass of its own per branch in the
+    paper form (DROP_PATH), folded into add_layer_norm's pass in the fused form but for each segment's last MLP
+    branch, which is added outside a norm (DROP_PATH_SEGMENT_END).
   * Attention, where the forms differ:
       paper form (vit_l2_3keep_senet.py: q, k, v cast to float32, scores materialised, the eye-matrix policy, fp32
       softmax): its batched matmuls as GEMMs, plus every elementwise pass over the B x H x N x N scores as
@@ -94,9 +96,13 @@ EAGER_BWD = [("add 2: the branch's gradient cast to bf16", 6), ("fc2 bias gradie
              ("proj bias gradient", 2), ("attention output: transpose backward", 4), ("norm1: the cast's backward", 6),
              ("norm1: LayerNorm backward", 20), ("residual gradient accumulated", 12)]
 # Stochastic depth (the recipe's --drop-path 0.1): timm's DropPath scales each of a student block's two branches per
-# image, one bf16 pass each (read and write: 4), forward and backward alike; both forms run it (the teacher is in
-# eval mode, where it does nothing).
+# image, one bf16 pass each (read and write: 4), forward and backward alike (the teacher is in eval mode, where it
+# does nothing).
 DROP_PATH = 2 * 4 + 2 * 4
+# The fused form multiplies by the mask inside add_layer_norm's pass (forward: the branch; backward: its gradient; a
+# float32 factor per row, nothing per channel); each segment's last MLP branch, added to the stream outside a norm,
+# keeps its multiply, forward and backward.
+DROP_PATH_SEGMENT_END = 4 + 4
 # The fused form: each `x = x + branch; h = norm(x)` one add_layer_norm pass (read x float32 and the bf16
 # branch, write s float32 and h bf16: 12); backward one pass (read dy bf16, dsum and s float32, write dx float32
 # and dbranch bf16: 16). policy_attention writes (B, N, H, d): no transpose copy in the student. The GEMMs of
@@ -165,9 +171,13 @@ def step_rows(gpu, model, C, H, B, gemm_eff, attn_eff, report):
             row(form, f"{what}: LayerNorms, casts, GELU, residual adds ({per_block} bytes per token and channel "
                 f"per block)", nbytes / gpu.bandwidth, gbytes=nbytes / 1e9, bound="bytes")
         row(form, "AdamW update", 28 * params / gpu.bandwidth, gbytes=28 * params / 1e9, bound="bytes")
-        dp_bytes = DROP_PATH * T * C * DEPTH
-        row(form, f"drop path (student, forward and backward: {DROP_PATH} bytes per token and channel per block)",
-            dp_bytes / gpu.bandwidth, gbytes=dp_bytes / 1e9, bound="bytes")
+        if form == "paper":
+            dp_bytes, what = DROP_PATH * T * C * DEPTH, f"{DROP_PATH} bytes per token and channel per block"
+        else:
+            dp_bytes = DROP_PATH_SEGMENT_END * T * C * SEGMENTS
+            what = f"in add_layer_norm's pass; {DROP_PATH_SEGMENT_END} bytes per token and channel per segment end"
+        row(form, f"drop path (student, forward and backward: {what})", dp_bytes / gpu.bandwidth,
+            gbytes=dp_bytes / 1e9, bound="bytes")
     # the teacher's attention: fused, timm's SDPA (forward only); the paper code's teacher materialises its scores
     t_flops = 4 * B * H * N * N * d * DEPTH
     t_bytes = 4 * T * C * BF16 * DEPTH

@@ -53,18 +53,20 @@ TORCH_LIBRARY(spvit, m) {
       "Tensor ln_weight, Tensor ln_bias, Tensor w_in, Tensor b_in, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
       "Tensor w3, Tensor b3, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2) "
       "-> (Tensor, Tensor)");
-  // Residual add + LayerNorm in one pass (s = x + branch, y = LayerNorm(s) in out_dtype): the forward also
-  // returns the row statistics its backward reads; s is an empty (0,) tensor when branch is None (no copy of x).
+  // Residual add + LayerNorm in one pass (s = x + branch [* branch_scale per row], y = LayerNorm(s) in
+  // out_dtype): the forward also returns the row statistics its backward reads; s is an empty (0,) tensor when
+  // branch is None (no copy of x). branch_scale (x.shape[:-1], float): stochastic depth's per-image factor.
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor? branch, Tensor? weight, Tensor? bias, float eps, "
-      "ScalarType? out_dtype) -> (Tensor s, Tensor y, Tensor mean, Tensor rstd)");
+      "ScalarType? out_dtype, Tensor? branch_scale=None) -> (Tensor s, Tensor y, Tensor mean, Tensor rstd)");
   // -> (dx in x_dtype, dbranch in branch_dtype, dweight, dbias); (0,) for an absent branch / weight / bias.
   m.def(
       "add_layer_norm_bwd(Tensor? dy, Tensor? dsum, Tensor s, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor rstd, ScalarType x_dtype, ScalarType? branch_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor rstd, ScalarType x_dtype, ScalarType? branch_dtype, Tensor? branch_scale=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "add_layer_norm(Tensor x, Tensor? branch, Tensor? weight, Tensor? bias, float eps=1e-05, "
-      "ScalarType? out_dtype=None) -> (Tensor, Tensor)");
+      "ScalarType? out_dtype=None, Tensor? branch_scale=None) -> (Tensor, Tensor)");
   // A transformer MLP fc2(gelu(fc1(h))) with GELU in the GEMM epilogues: the forward's fc1 writes u and gelu(u)
   // (returned for the backward; with for_backward false only gelu(u), and u, g come back empty (0,)), the
   // backward's fc2 input gradient multiplies by gelu'(u).

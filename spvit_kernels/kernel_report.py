@@ -344,10 +344,11 @@ ADD_LAYER_NORM_KERNELS = {"fwd": "_add_layer_norm_fwd_kernel", "bwd": "_add_laye
 
 
 @functools.lru_cache(maxsize=None)
-def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part):
+def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part, scaled=False):
     """One of the Triton add_layer_norm kernels (part: "fwd", "bwd") for a C-channel stream of x_dtype with a
     branch of branch_dtype and y in out_dtype (the training block under bf16 autocast: float32, bfloat16,
-    bfloat16), affine, in the tile its launcher picks; the backward with the residual path's gradient."""
+    bfloat16), affine, in the tile its launcher picks; the backward with the residual path's gradient; scaled:
+    with a per-row branch_scale (stochastic depth in training)."""
     from .triton import add_layer_norm as mod
 
     meta = mod.launch_meta(channels, backward=part == "bwd")
@@ -360,6 +361,8 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
         ptrs = dict(DY=out_dtype, DSUM=s_dtype, S=s_dtype, W=torch.float32, MEAN=torch.float32, RSTD=torch.float32,
                     DX=x_dtype, DBR=branch_dtype, DW=torch.float32, DB=torch.float32)
         flags = dict(HAS_DSUM=True, HAS_W=True, HAS_DBR=True, HAS_DW=True, HAS_DB=True)
+    ptrs["SCALE"] = torch.float32
+    flags["HAS_SCALE"] = scaled
     c = dict(flags, BLOCK_R=meta["BLOCK_R"], BLOCK_C=meta["BLOCK_C"])
     fn = _jit_function(getattr(mod, ADD_LAYER_NORM_KERNELS[part]))
     types = {a: _TL_PTR[dt] for a, dt in ptrs.items()}
@@ -369,8 +372,8 @@ def add_layer_norm_stats(arch, x_dtype, branch_dtype, out_dtype, channels, part)
     divisible = list(ptrs) + ["C"] * (channels % 16 == 0)
     k = compile_triton(fn, arch, types, c, divisible, meta["num_warps"], 1)
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
-    config = (f"x {name(x_dtype)} branch {name(branch_dtype)} y {name(out_dtype)} C={channels} "
-              f"BLOCK_R={c['BLOCK_R']} BLOCK_C={c['BLOCK_C']} warps={meta['num_warps']}")
+    config = (f"x {name(x_dtype)} branch {name(branch_dtype)}{' scaled' if scaled else ''} y {name(out_dtype)} "
+              f"C={channels} BLOCK_R={c['BLOCK_R']} BLOCK_C={c['BLOCK_C']} warps={meta['num_warps']}")
     return triton_stats(f"add_layer_norm_{part}", config, arch, k, meta["num_warps"]), c
 
 

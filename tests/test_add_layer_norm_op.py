@@ -273,3 +273,92 @@ def test_gpu_triton(shape, config):
     _assert_close(y.cpu(), want_y, _lowest(*config), "y")
     for g, w in zip(grads, want_grads):
         _assert_close(g.cpu(), w, _lowest(*config), "grad")
+
+
+# --- branch_scale (stochastic depth folded into the pass) ------------------------------------------------------
+
+
+def _drop_scale(shape, dtype, seed=0, keep=0.8):
+    """Per-row factors as DropPath forms them: per image (dim 0) 0 or 1 / keep in the branch's dtype, at least one
+    of each when there are two or more images; a 2-D x gets arbitrary positive factors per row instead."""
+    g = torch.Generator().manual_seed(seed)
+    if len(shape) == 2:
+        return torch.rand(shape[0], generator=g) * 2 + 0.1
+    mask = (torch.rand(shape[0], generator=g) < keep).to(dtype)
+    if shape[0] > 1:
+        mask[0], mask[1] = 0, 1
+    return (mask / keep).to(dtype).float().reshape((shape[0],) + (1,) * (len(shape) - 2)).expand(shape[:-1])
+
+
+def _run_scaled(backend, x, branch, weight, bias, dy, dsum, eps, out_dtype, scale):
+    x, branch, weight, bias = _leaves((x, branch, weight, bias))
+    s, y = ops.add_layer_norm(x, branch, weight, bias, eps, out_dtype, scale, backend=backend)
+    leaves = [t for t in (x, branch, weight, bias) if t is not None]
+    return s, y, torch.autograd.grad([y, s], leaves, [dy, dsum])
+
+
+SCALE_CONFIGS = [(F32, BF16, BF16), (BF16, BF16, None), (F32, F32, None), (F32, F16, F16)]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+@pytest.mark.parametrize("config", SCALE_CONFIGS, ids=lambda c: "-".join(str(d).replace("torch.", "") for d in c))
+@pytest.mark.parametrize("shape", [(3, 197, 48), (257, 1, 40), (123, 7)])
+def test_branch_scale(backend, shape, config):
+    """s = x + round(branch * scale): the same outputs and x / weight / bias gradients as the op on the pre-scaled
+    branch, and dbranch = round(round(ds) * scale), the gradient `branch * mask` gets in PyTorch. Exact for float32
+    branches and the reference backend; the interpreter truncates float32 to 16 bits where PyTorch (and a GPU)
+    rounds, so 16-bit branches under it agree to their tolerance."""
+    x, branch, weight, bias, dy, dsum = _inputs(shape, config, "weight_bias", seed=2)
+    scale = _drop_scale(shape, branch.dtype)
+    scaled = (branch.float() * scale[..., None]).to(branch.dtype)
+    s1, y1, (dx1, dbr1, dw1, db1) = _run_scaled(backend, x, branch, weight, bias, dy, dsum, 1e-5, config[2], scale)
+    s2, y2, (dx2, dbr2, dw2, db2) = _run_scaled(backend, x, scaled, weight, bias, dy, dsum, 1e-5, config[2], None)
+    want_dbr = (dbr2.float() * scale[..., None]).to(branch.dtype)
+    if scale.dim() > 1 and shape[0] > 1:
+        assert (dbr1[0] == 0).all() and (dbr1[1] != 0).any()  # a dropped image's branch gets no gradient
+    exact = backend == "reference" or branch.dtype == F32
+    for got, want, what in ((s1, s2, "s"), (y1, y2, "y"), (dx1, dx2, "dx"), (dw1, dw2, "dweight"),
+                            (db1, db2, "dbias"), (dbr1, want_dbr, "dbranch")):
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        if exact:
+            assert torch.equal(got, want), what
+        else:
+            _assert_close(got, want.double(), _lowest(*config), what)
+
+
+def test_branch_scale_gradcheck_float64():
+    g = torch.Generator().manual_seed(4)
+    x, branch = (torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+
+    def f(x, branch, weight, bias):
+        s, y = ops.add_layer_norm(x, branch, weight, bias, 1e-5, None, scale, backend="reference")
+        return s * 0.5, y
+
+    torch.autograd.gradcheck(f, (x, branch, weight, bias))
+    s, _ = ops.add_layer_norm(x, branch, weight, bias, 1e-5, None, scale, backend="reference")
+    torch.testing.assert_close(s, x + branch * scale[..., None], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(branch_scale=torch.ones(2, 4)), r"branch_scale must have shape \(2, 5\)"),
+    (dict(branch_scale=torch.ones(2, 5, 8)), r"branch_scale must have shape \(2, 5\)"),
+    (dict(branch_scale=torch.ones(2, 5, dtype=torch.int32)), "branch_scale must have dtype"),
+    (dict(branch=None, branch_scale=torch.ones(2, 5)), "branch_scale needs a branch"),
+])
+def test_bad_branch_scale(bad, match):
+    args = dict(_GOOD, branch_scale=None, **{k: v for k, v in bad.items() if k != "branch_scale"})
+    args["branch_scale"] = bad["branch_scale"]
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.add_layer_norm(**args)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        torch.ops.spvit.add_layer_norm(*args.values())
+
+
+def test_opcheck_branch_scale():
+    x, branch, weight, bias, _, _ = _inputs((2, 13, 24), (F32, BF16, BF16), "weight_bias")
+    x, branch, weight, bias = _leaves((x, branch, weight, bias))
+    scale = _drop_scale((2, 13, 24), BF16).contiguous()
+    torch.library.opcheck(torch.ops.spvit.add_layer_norm_fwd.default, (x, branch, weight, bias, 1e-5, BF16, scale))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from spvit_kernels import ops
 from spvit_kernels.models import add_norm as add_norm_mod
 from spvit_kernels.models import fused_mlp
 from spvit_kernels.models import from_timm
@@ -53,6 +54,31 @@ def test_carried_loop_is_bitwise_the_block_loop(drop_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("drop_path", [0.0, 0.6])
+def test_carried_loop_through_the_op(drop_path, monkeypatch):
+    """One 4-block segment through the op (reference backend): each norm1 takes the previous block's MLP branch
+    with its drop path, each norm2 the attention branch with its own; the same as the block loop (same draws)."""
+    vit = _tiny_vit(drop_path_rate=drop_path).train()
+    x = torch.randn(5, 65, 64, requires_grad=True)
+    policy = (torch.rand(5, 65) < 0.6).float().requires_grad_()
+    params = [x, policy] + list(vit.blocks.parameters())
+
+    def block_loop():
+        torch.manual_seed(7)
+        y = x
+        for block in vit.blocks:
+            y = policy_block_forward(block, y, policy, 1e-6)
+        return [y]
+
+    (want,), want_g = _grads(block_loop, params)
+    _through_op(monkeypatch, "reference", [])
+    torch.manual_seed(7)
+    (got,), got_g = _grads(lambda: [policy_blocks_forward(vit.blocks, x, policy, 1e-6)], params)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 def _through_op(monkeypatch, backend, calls, mlp_calls=None):
     """Route every LayerNorm through add_layer_norm and every plain GELU MLP through gelu_mlp, on any device."""
     def norm_backend(norm, x):
@@ -79,17 +105,27 @@ def _train_outputs(model, images, noise):
     return _grads(fn, [p for p in model.parameters() if p.requires_grad])
 
 
+@pytest.mark.parametrize("drop_path", [0.0, 0.5])
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
                                                                                 pytest.mark.triton_interpret])])
-def test_training_forward_through_the_op(backend, monkeypatch):
+def test_training_forward_through_the_op(backend, drop_path, monkeypatch):
+    """The training forward through the fused ops equals the PyTorch blocks; with stochastic depth the op scales
+    each branch by the mask timm's DropPath would have drawn (same random stream: the same images dropped)."""
     torch.manual_seed(0)
-    model = from_timm(_tiny_vit(), selector_layers=(1, 2, 3)).train()
-    images = torch.randn(2, 3, 32, 32)
-    noise = [0.3 * torch.randn(2, 64, 2) + torch.tensor([0.5, 0.0]) for _ in range(3)]
+    model = from_timm(_tiny_vit(drop_path_rate=drop_path), selector_layers=(1, 2, 3)).train()
+    images = torch.randn(4, 3, 32, 32)
+    noise = [0.3 * torch.randn(4, 64, 2) + torch.tensor([0.5, 0.0]) for _ in range(3)]
+    torch.manual_seed(5)
     want_out, want_g = _train_outputs(model, images, noise)
     calls, mlp_calls = [], []
     _through_op(monkeypatch, backend, calls, mlp_calls)
+    scaled, op = [], ops.add_layer_norm  # add_norm imports the op at each call: count the calls with a scale
+    monkeypatch.setattr(ops, "add_layer_norm", lambda *a, **k: scaled.append(a[6] is not None) or op(*a, **k))
+    torch.manual_seed(5)
     got_out, got_g = _train_outputs(model, images, noise)
+    # every add of a dropped-path branch carries its scale: four one-block segments (selectors before blocks 1-3),
+    # so one branch through the op per block (norm2's; the MLP branch ends the segment), and block 0's rate is 0
+    assert sum(scaled) == (3 if drop_path else 0)
     assert len(calls) == 2 * len(model.vit.blocks)  # both norms of every block
     assert len(mlp_calls) == len(model.vit.blocks)
     for a, b in zip(got_out, want_out):

@@ -42,9 +42,10 @@ POLICY_PARTS = ("fwd", "bwd_kv", "bwd_q")
 SELECTOR_TRAIN_CASES = [("bfloat16", 384, 6, 196), ("float32", 384, 6, 196), ("bfloat16", 768, 6, 196),
                         ("float32", 768, 6, 196)]
 # add_layer_norm (training): the block's residual add + LayerNorm under bf16 autocast (float32 stream, bf16
-# branch and output) at DeiT-T/S/B widths, and a float16 stream at DeiT-S's.
+# branch and output) at DeiT-T/S/B widths, a float16 stream at DeiT-S's, and the autocast block at DeiT-S's with
+# stochastic depth's per-row branch scale (the fifth element: scaled).
 ADD_LN_CASES = [("float32", "bfloat16", "bfloat16", C) for C in (192, 384, 768)] + [
-    ("float16", "float16", "float16", 384)]
+    ("float16", "float16", "float16", 384), ("float32", "bfloat16", "bfloat16", 384, True)]
 # gelu_mlp (training): its epilogue-fused GEMMs (fc1 with and without u, fc2's input gradient), three dtypes.
 GELU_MLP_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = (80, 90)
@@ -92,9 +93,9 @@ def _collect():
             for kernel in kr.SELECTOR_TRAIN_KERNELS:
                 s, c = kr.selector_train_stats(arch, DTYPES[dt], C, H, M, kernel)
                 out.append(dict(s.row(), dtype=dt, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
-        for xd, bd, od, C in ADD_LN_CASES:
+        for xd, bd, od, C, *scaled in ADD_LN_CASES:
             for part in kr.ADD_LAYER_NORM_KERNELS:
-                s, c = kr.add_layer_norm_stats(arch, DTYPES[xd], DTYPES[bd], DTYPES[od], C, part)
+                s, c = kr.add_layer_norm_stats(arch, DTYPES[xd], DTYPES[bd], DTYPES[od], C, part, *scaled)
                 out.append(dict(s.row(), dtype=xd, constexprs={k: v for k, v in c.items() if isinstance(v, int)}))
         for dt in GELU_MLP_DTYPES:
             for part in kr.GELU_MLP_GEMMS:

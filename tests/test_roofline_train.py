@@ -47,10 +47,11 @@ def test_counts(model, C, H):
     assert casts["attention teacher"] == pytest.approx(36 * T * C * 12 / 1e9, rel=1e-3)
     assert casts["attention student"] == pytest.approx(2 * casts["attention teacher"], rel=1e-3)
     assert not any(r["form"] == "fused" and "cast to float32" in r["op"] for r in rows)
-    # drop path: the same row in both forms
-    dp = [r for r in rows if r["op"].startswith("drop path")]
-    assert len(dp) == 2 and dp[0]["modeled_ms"] == dp[1]["modeled_ms"] > 0
-    assert dp[0]["gbytes"] == pytest.approx(rt.DROP_PATH * T * C * 12 / 1e9, rel=1e-3)
+    # drop path: a pass per branch in the paper form; in the fused form only at the segment ends
+    dp = {r["form"]: r["gbytes"] for r in rows if r["op"].startswith("drop path")}
+    assert dp["paper"] == pytest.approx(rt.DROP_PATH * T * C * 12 / 1e9, rel=1e-3)
+    assert dp["fused"] == pytest.approx(rt.DROP_PATH_SEGMENT_END * rt.SEGMENTS * T * C / 1e9, rel=1e-3)
+    assert 0 < dp["fused"] < dp["paper"] / 5
     # the element-wise passes: bytes per token and channel per block x T C x 12 blocks (+ the fused form's
     # segment ends); add_layer_norm cuts the student's and the teacher's
     elt = {(r["form"], r["op"].split(":")[0]): r["gbytes"] for r in rows if "residual adds" in r["op"]}

@@ -27,22 +27,33 @@ def attention_output(attn, o, h):
 
 def block_forward_carried(block, x, pending, attention, add_norm, mlp):
     """block_forward with the residual add of the previous block's MLP branch moved into this block's first
-    norm, so that each `x = x + branch; h = norm(x)` pair is one `add_norm(norm, x, branch) -> (x, h)` call:
-    x is the residual stream without `pending` (the previous block's MLP branch, None for the first block);
+    norm, so that each `x = x + drop_path(branch); h = norm(x)` pair is one `add_norm(norm, x, branch, drop_path)
+    -> (x, h)` call (drop path applied in it: the fused op folds timm's into its pass): x is the residual stream
+    without `pending` (the previous block's MLP branch and its drop path, a pair, or None for the first block);
     `mlp(block.mlp, h)` stands in for block.mlp(h).
-    Returns (x + pending + the attention branch, this block's MLP branch): the caller adds the last one."""
-    x, h = add_norm(block.norm1, x, pending)
-    x, h = add_norm(block.norm2, x, block.drop_path1(block.ls1(attention(block.attn, h))))
-    return x, block.drop_path2(block.ls2(mlp(block.mlp, h)))
+    Returns (x + pending + the attention branch, this block's (MLP branch, drop path)): the caller adds it
+    (`add_pending`, or an add_norm call). Random draws come in timm's order (each drop path's after its branch)."""
+    x, h = add_norm(block.norm1, x, *(pending or (None, None)))
+    x, h = add_norm(block.norm2, x, block.ls1(attention(block.attn, h)), block.drop_path1)
+    return x, (block.ls2(mlp(block.mlp, h)), block.drop_path2)
 
 
 def blocks_forward_carried(blocks, x, attention, add_norm, mlp):
     """block_forward_carried over consecutive blocks from a whole residual stream x: -> (the stream without the
-    last block's MLP branch, that branch or None without blocks), for the caller to add (or fuse into its norm)."""
+    last block's MLP branch, (that branch, its drop path) or None without blocks), for the caller to add
+    (`add_pending`) or fuse into its norm (`add_norm(norm, x, *pending)`)."""
     pending = None
     for block in blocks:
         x, pending = block_forward_carried(block, x, pending, attention, add_norm, mlp)
     return x, pending
+
+
+def add_pending(x, pending):
+    """x + drop_path(branch) for a (branch, drop path) pair from blocks_forward_carried; x itself for None."""
+    if pending is None:
+        return x
+    branch, drop_path = pending
+    return x + drop_path(branch)
 
 
 def block_forward(block, x, attention):

@@ -19,7 +19,7 @@ from ..training.output import TrainOutput  # noqa: F401  (re-exported for the mo
 from ..training.policy_attention import policy_attention
 from .add_norm import add_norm
 from .fused_mlp import mlp_forward
-from .timm_block import attention_output, block_forward, blocks_forward_carried, qk_norm
+from .timm_block import add_pending, attention_output, block_forward, blocks_forward_carried, qk_norm
 
 
 def check_gumbel_noise(gumbel_noise, shapes):
@@ -98,7 +98,7 @@ def policy_blocks_forward(blocks, x, policy, eps):
     it (models/add_norm.py) and GELU into the MLP's fc2 (models/fused_mlp.py): on CUDA with Triton, fused ops; on
     CPU the same PyTorch calls in the same order, so the result is bitwise that of the block-by-block loop."""
     x, pending = blocks_forward_carried(blocks, x, _policy_attention(policy, eps), add_norm, mlp_forward)
-    return x if pending is None else x + pending
+    return add_pending(x, pending)
 
 
 def frozen_update(x, y, policy):

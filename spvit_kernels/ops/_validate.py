@@ -362,9 +362,23 @@ def _float_dtypes(allow_float64):
     return TOKEN_DTYPES + ((torch.float64,) if allow_float64 else ())
 
 
-def add_layer_norm(x, branch, weight, bias, eps, out_dtype, *, allow_float64=False):
+def _branch_scale(branch_scale, rows_shape, has_branch, device, dtypes):
+    """branch_scale None, or one factor per row: rows_shape (x's shape without the channels), float, on device;
+    only with a branch."""
+    if branch_scale is None:
+        return
+    if not has_branch:
+        raise ValueError("branch_scale needs a branch (it scales the branch)")
+    check_tensor(branch_scale, "branch_scale", dtypes=dtypes, device=device)
+    if tuple(branch_scale.shape) != tuple(rows_shape):
+        raise ValueError(f"branch_scale must have shape {tuple(rows_shape)} (one factor per row of x), got "
+                         f"{tuple(branch_scale.shape)}")
+
+
+def add_layer_norm(x, branch, weight, bias, eps, out_dtype, branch_scale=None, *, allow_float64=False):
     """Check add_layer_norm's arguments: x (..., C); branch None or x's shape; weight, bias None or (C,);
-    eps a finite float >= 0; out_dtype None or a float dtype. Returns eps as a float."""
+    eps a finite float >= 0; out_dtype None or a float dtype; branch_scale None or x.shape[:-1] (with a branch).
+    Returns eps as a float."""
     dtypes = _float_dtypes(allow_float64)
     check_tensor(x, "x", dtypes=dtypes)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -386,13 +400,16 @@ def add_layer_norm(x, branch, weight, bias, eps, out_dtype, *, allow_float64=Fal
     if out_dtype is not None and out_dtype not in dtypes:
         raise TypeError(f"out_dtype must be None or one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}"
                         f"; got {out_dtype}")
+    _branch_scale(branch_scale, x.shape[:-1], branch is not None, x.device, dtypes)
     return float(eps)
 
 
-def add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, *, allow_float64=False):
+def add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale=None, *,
+                         allow_float64=False):
     """Check add_layer_norm's backward: s (..., C) the LayerNorm's input; dy, dsum None or s's shape; mean, rstd
-    (rows,) in the statistics' dtype (float32; float64 for float64 s)."""
+    (rows,) in the statistics' dtype (float32; float64 for float64 s); branch_scale as the forward's."""
     add_layer_norm(s, None, weight, bias, 0.0, None, allow_float64=allow_float64)
+    _branch_scale(branch_scale, s.shape[:-1], branch_dtype is not None, s.device, _float_dtypes(allow_float64))
     for name, t in (("dy", dy), ("dsum", dsum)):
         if t is not None:
             check_tensor(t, name, dtypes=_float_dtypes(allow_float64), device=s.device)

@@ -31,16 +31,19 @@ def _contiguous(t):
     return t.contiguous() if t is not None else None
 
 
-def _check_fwd(x, branch, weight, bias, eps, out_dtype, *, allow_float64=False):
-    eps = _validate.add_layer_norm(x, branch, weight, bias, eps, out_dtype, allow_float64=allow_float64)
-    return x.contiguous(), _contiguous(branch), _contiguous(weight), _contiguous(bias), eps, out_dtype
+def _check_fwd(x, branch, weight, bias, eps, out_dtype, branch_scale=None, *, allow_float64=False):
+    eps = _validate.add_layer_norm(x, branch, weight, bias, eps, out_dtype, branch_scale,
+                                   allow_float64=allow_float64)
+    return (x.contiguous(), _contiguous(branch), _contiguous(weight), _contiguous(bias), eps, out_dtype,
+            _contiguous(branch_scale))
 
 
-def _check_bwd(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, *, allow_float64=False):
-    _validate.add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype,
+def _check_bwd(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale=None, *,
+               allow_float64=False):
+    _validate.add_layer_norm_saved(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale,
                                    allow_float64=allow_float64)
     return (_contiguous(dy), _contiguous(dsum), s.contiguous(), _contiguous(weight), _contiguous(bias),
-            mean.contiguous(), rstd.contiguous(), x_dtype, branch_dtype)
+            mean.contiguous(), rstd.contiguous(), x_dtype, branch_dtype, _contiguous(branch_scale))
 
 
 _library.register_backend_kernel("spvit::add_layer_norm_fwd", FWD, _check_fwd)
@@ -49,8 +52,8 @@ _library.register_backend_kernel("spvit::add_layer_norm_bwd", BWD, _check_bwd, t
 
 
 @torch.library.register_fake("spvit::add_layer_norm_fwd")
-def _fwd_fake(x, branch, weight, bias, eps, out_dtype):
-    _check_fwd(x, branch, weight, bias, eps, out_dtype, allow_float64=True)
+def _fwd_fake(x, branch, weight, bias, eps, out_dtype, branch_scale=None):
+    _check_fwd(x, branch, weight, bias, eps, out_dtype, branch_scale, allow_float64=True)
     s_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
     s = x.new_empty(x.shape, dtype=s_dtype) if branch is not None else x.new_empty((0,))
     rows = x.numel() // x.shape[-1]
@@ -59,8 +62,8 @@ def _fwd_fake(x, branch, weight, bias, eps, out_dtype):
 
 
 @torch.library.register_fake("spvit::add_layer_norm_bwd")
-def _bwd_fake(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype):
-    _check_bwd(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, allow_float64=True)
+def _bwd_fake(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale=None):
+    _check_bwd(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale, allow_float64=True)
     empty = s.new_empty((0,))
     return (s.new_empty(s.shape, dtype=x_dtype),
             s.new_empty(s.shape, dtype=branch_dtype) if branch_dtype is not None else empty,
@@ -75,9 +78,9 @@ def _saved(inputs, output):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, weight, bias, _, _ = inputs
+    _, _, weight, bias, _, _, branch_scale = inputs
     s, ctx.x_dtype, ctx.branch_dtype = _saved(inputs, output)
-    ctx.save_for_backward(s, weight, bias, output[2], output[3])
+    ctx.save_for_backward(s, weight, bias, output[2], output[3], branch_scale)
 
 
 def _grads(dx, dbranch, dw, db, ctx):
@@ -87,20 +90,20 @@ def _grads(dx, dbranch, dw, db, ctx):
 
 
 def _backward(ctx, dsum, dy, _dmean, _drstd):
-    s, weight, bias, mean, rstd = ctx.saved_tensors
+    s, weight, bias, mean, rstd, branch_scale = ctx.saved_tensors
     if ctx.branch_dtype is None:
         dsum = None  # s is x itself: no sum output, nothing reaches it
     dx, dbranch, dw, db = torch.ops.spvit.add_layer_norm_bwd(dy, dsum, s, weight, bias, mean, rstd, ctx.x_dtype,
-                                                             ctx.branch_dtype)
-    return (*_grads(dx, dbranch, dw, db, ctx), None, None)
+                                                             ctx.branch_dtype, branch_scale)
+    return (*_grads(dx, dbranch, dw, db, ctx), None, None, None)  # branch_scale: a constant (a random mask)
 
 
 torch.library.register_autograd("spvit::add_layer_norm_fwd", _backward, setup_context=_setup_context)
 
 
 @torch.library.impl("spvit::add_layer_norm", "CompositeImplicitAutograd")
-def _composite(x, branch, weight, bias, eps=1e-5, out_dtype=None):
-    s, y, _, _ = torch.ops.spvit.add_layer_norm_fwd(x, branch, weight, bias, eps, out_dtype)
+def _composite(x, branch, weight, bias, eps=1e-5, out_dtype=None, branch_scale=None):
+    s, y, _, _ = torch.ops.spvit.add_layer_norm_fwd(x, branch, weight, bias, eps, out_dtype, branch_scale)
     return s, y
 
 
@@ -108,34 +111,35 @@ class _Eager(torch.autograd.Function):
     """The eager path with a named backend: the same forward / backward halves, called directly."""
 
     @staticmethod
-    def forward(ctx, x, branch, weight, bias, eps, out_dtype, backend):
+    def forward(ctx, x, branch, weight, bias, eps, out_dtype, branch_scale, backend):
         fwd = _registry.resolve(FWD, backend, x.device).fn
-        output = fwd(x, branch, weight, bias, eps, out_dtype)
+        output = fwd(x, branch, weight, bias, eps, out_dtype, branch_scale)
         s, ctx.x_dtype, ctx.branch_dtype = _saved((x, branch), output)
-        ctx.save_for_backward(s, weight, bias, output[2], output[3])
+        ctx.save_for_backward(s, weight, bias, output[2], output[3], branch_scale)
         ctx.backend = backend
         ctx.mark_non_differentiable(output[2], output[3])
         return output
 
     @staticmethod
     def backward(ctx, dsum, dy, _dmean, _drstd):
-        s, weight, bias, mean, rstd = ctx.saved_tensors
+        s, weight, bias, mean, rstd, branch_scale = ctx.saved_tensors
         if ctx.branch_dtype is None:
             dsum = None
         bwd = _registry.resolve(BWD, ctx.backend, s.device).fn
         dx, dbranch, dw, db = bwd(_contiguous(dy), _contiguous(dsum), s, weight, bias, mean, rstd, ctx.x_dtype,
-                                  ctx.branch_dtype)
-        return (*_grads(dx, dbranch, dw, db, ctx), None, None, None)
+                                  ctx.branch_dtype, branch_scale)
+        return (*_grads(dx, dbranch, dw, db, ctx), None, None, None, None)
 
 
-def add_layer_norm(x, branch, weight, bias, eps=1e-5, out_dtype=None, *, backend=None):
+def add_layer_norm(x, branch, weight, bias, eps=1e-5, out_dtype=None, branch_scale=None, *, backend=None):
     """Residual add + LayerNorm over the last dimension in one pass: s = x + branch, y = LayerNorm(s).
 
     The pre-norm block's `x = x + branch; h = norm(x)` (then, under autocast, h cast to the GEMM's dtype) with one
     read of x and branch and one write of s and y; differentiable in x, branch, weight and bias (the backward
     adds the gradient reaching s from the residual path to the LayerNorm's, and writes it in x's and branch's
     dtypes in one pass). Statistics in float32 (float64 for float64 inputs), the variance biased, as
-    torch.nn.functional.layer_norm.
+    torch.nn.functional.layer_norm. With branch_scale, s = x + branch * branch_scale (one factor per row, the
+    product rounded to branch's dtype): stochastic depth's `x + drop_path(branch)` in the same pass.
 
     Args:
         x: (..., C) float32 / float16 / bfloat16 (float64 for backend="reference"), 1 <= C <= 8192; the residual
@@ -144,18 +148,22 @@ def add_layer_norm(x, branch, weight, bias, eps=1e-5, out_dtype=None, *, backend
         weight, bias: (C,) or None (no affine scale / shift).
         eps: >= 0, added to the variance.
         out_dtype: y's dtype; None = s's dtype (e.g. torch.bfloat16 under autocast: y feeds a bf16 GEMM).
+        branch_scale: None, or x.shape[:-1], a float dtype (read as float32; with a branch): each row's factor,
+            e.g. DropPath's per-image mask (0 or 1 / keep probability) expanded over the rows. No gradient.
         backend: None (fastest for the device), "triton", "reference".
     Returns:
-        s: x + branch in their promoted dtype, x's shape; an empty (0,) tensor when branch is None.
+        s: x + branch [* branch_scale] in their promoted dtype, x's shape; an empty (0,) tensor when branch is None.
         y: x's shape, out_dtype.
     """
     if torch.compiler.is_compiling():
         if backend is not None:
             raise ValueError(f"backend={backend!r}: under torch.compile call add_layer_norm with backend=None")
-        return torch.ops.spvit.add_layer_norm(x, branch, weight, bias, eps, out_dtype)
-    x, branch, weight, bias, eps, out_dtype = _library.schema_numbers(
-        "add_layer_norm", (x, branch, weight, bias, eps, out_dtype))
-    x, branch, weight, bias, eps, out_dtype = _check_fwd(x, branch, weight, bias, eps, out_dtype,
-                                                         allow_float64=backend == "reference")
-    s, y, _, _ = _Eager.apply(x, branch, weight, bias, eps, out_dtype, backend)
+        return torch.ops.spvit.add_layer_norm(x, branch, weight, bias, eps, out_dtype, branch_scale)
+    x, branch, weight, bias, eps, out_dtype, branch_scale = _library.schema_numbers(
+        "add_layer_norm", (x, branch, weight, bias, eps, out_dtype, branch_scale))
+    x, branch, weight, bias, eps, out_dtype, branch_scale = _check_fwd(
+        x, branch, weight, bias, eps, out_dtype, branch_scale, allow_float64=backend == "reference")
+    if branch_scale is not None:
+        branch_scale = branch_scale.detach()
+    s, y, _, _ = _Eager.apply(x, branch, weight, bias, eps, out_dtype, branch_scale, backend)
     return s, y

@@ -5,12 +5,16 @@ A pre-norm transformer block reads its residual stream twice per branch: `x = x 
 GEMM's dtype. The fused op does the three in one pass over the rows:
 
     s = x + branch                        (branch None: s = x, and no copy of x is written)
+    s = x + round(branch * branch_scale)  with a per-row branch_scale (stochastic depth): the product rounded to
+                                          branch's dtype, as `branch * mask` in that dtype is
     y = (s - mean) * rstd * weight + bias mean, rstd over the last dim, rstd = 1 / sqrt(var + eps), biased var
 
 Backward, with xhat = (s - mean) * rstd, g = dy * weight (dy alone without weight), over the C channels of a row:
 
     ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dsum      dsum: the gradient reaching s from elsewhere
     dx = ds (in x's dtype), dbranch = ds (in branch's dtype), dweight = sum_rows dy xhat, dbias = sum_rows dy
+    with branch_scale: dbranch = round(round(ds) * branch_scale), each rounding to branch's dtype (the gradient
+    of `branch * mask` as autograd forms it from ds cast to the product's dtype)
 
 Statistics and gradients are computed in float32 (float64 for float64 inputs); s is rounded to its dtype
 before the statistics, as PyTorch's add followed by layer_norm sees it.
@@ -25,13 +29,18 @@ def compute_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def add_layer_norm_fwd_reference(x, branch, weight, bias, eps, out_dtype):
-    """x (..., C); branch None or x's shape; weight, bias None or (C,). -> (s (x's shape; (0,) when branch is
-    None), y (x's shape, out_dtype or s's dtype), mean (rows,), rstd (rows,))."""
+def _scaled(t, branch_scale):
+    """t * branch_scale per row, rounded to t's dtype (float64 tensors: exact)."""
+    return (t.to(torch.float64) * branch_scale.to(torch.float64)[..., None]).to(t.dtype)
+
+
+def add_layer_norm_fwd_reference(x, branch, weight, bias, eps, out_dtype, branch_scale=None):
+    """x (..., C); branch None or x's shape; weight, bias None or (C,); branch_scale None or x.shape[:-1]. -> (s
+    (x's shape; (0,) when branch is None), y (x's shape, out_dtype or s's dtype), mean (rows,), rstd (rows,))."""
     if branch is None:
         s, s_out = x, x.new_empty((0,))
     else:
-        s = s_out = x + branch
+        s = s_out = x + (branch if branch_scale is None else _scaled(branch, branch_scale))
     acc = compute_dtype(s.dtype)
     C = s.shape[-1]
     sf = s.reshape(-1, C).to(acc)
@@ -46,7 +55,7 @@ def add_layer_norm_fwd_reference(x, branch, weight, bias, eps, out_dtype):
     return s_out, y.to(out_dtype or s.dtype).reshape(s.shape), mean, rstd
 
 
-def add_layer_norm_bwd_reference(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype):
+def add_layer_norm_bwd_reference(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype, branch_scale=None):
     """The gradients of add_layer_norm_fwd. dy (y's shape) or None; dsum (s's shape) or None; s the LayerNorm's
     input (x + branch, or x). -> (dx in x_dtype, dbranch in branch_dtype ((0,) when branch_dtype is None),
     dweight ((0,) without weight), dbias ((0,) without bias))."""
@@ -67,5 +76,11 @@ def add_layer_norm_bwd_reference(dy, dsum, s, weight, bias, mean, rstd, x_dtype,
     ds = ds.reshape(s.shape)
     empty = s.new_empty((0,))
     # copies where a cast would return ds itself: the op's outputs never alias each other or an input
-    return (ds.to(x_dtype, copy=True), ds.to(branch_dtype, copy=True) if branch_dtype is not None else empty,
+    if branch_dtype is None:
+        dbranch = empty
+    elif branch_scale is None:
+        dbranch = ds.to(branch_dtype, copy=True)
+    else:
+        dbranch = _scaled(ds.to(branch_dtype), branch_scale.reshape(s.shape[:-1]))
+    return (ds.to(x_dtype, copy=True), dbranch,
             dw.to(weight.dtype) if weight is not None else empty, db.to(bias.dtype) if bias is not None else empty)

@@ -75,7 +75,7 @@ def _fused_blocks_norm(blocks, x, norm):
     from ..models.timm_block import blocks_forward_carried
 
     x, pending = blocks_forward_carried(blocks, x, lambda attn, h: attn(h), fused.add_norm, mlp_forward)
-    return fused.add_norm(norm, x, pending)[1]
+    return fused.add_norm(norm, x, *pending)[1]
 
 
 def _fused_vit_features(teacher, images):
