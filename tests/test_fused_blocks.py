@@ -29,11 +29,12 @@ def _grads(fn, params):
     return [o.detach() for o in out], torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("drop_path", [0.0, 0.2])
-def test_carried_loop_is_bitwise_the_block_loop(drop_path):
+def _segment(drop_path, images):
+    """A 4-block timm ViT in train mode on (images, 65, 64) tokens with a keep policy: (blocks, params, the block
+    loop's output and gradients, a function running the carried loop with the block loop's random draws)."""
     vit = _tiny_vit(drop_path_rate=drop_path).train()
-    x = torch.randn(3, 65, 64, requires_grad=True)
-    policy = (torch.rand(3, 65) < 0.6).float().requires_grad_()
+    x = torch.randn(images, 65, 64, requires_grad=True)
+    policy = (torch.rand(images, 65) < 0.6).float().requires_grad_()
     params = [x, policy] + list(vit.blocks.parameters())
 
     def block_loop():
@@ -48,7 +49,13 @@ def test_carried_loop_is_bitwise_the_block_loop(drop_path):
         return [policy_blocks_forward(vit.blocks, x, policy, 1e-6)]
 
     (want,), want_g = _grads(block_loop, params)
-    (got,), got_g = _grads(carried, params)
+    return params, want, want_g, lambda: _grads(carried, params)
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.2])
+def test_carried_loop_is_bitwise_the_block_loop(drop_path):
+    _, want, want_g, carried = _segment(drop_path, 3)
+    (got,), got_g = carried()
     assert torch.equal(got, want)
     for a, b in zip(got_g, want_g):
         assert torch.equal(a, b)
@@ -58,22 +65,9 @@ def test_carried_loop_is_bitwise_the_block_loop(drop_path):
 def test_carried_loop_through_the_op(drop_path, monkeypatch):
     """One 4-block segment through the op (reference backend): each norm1 takes the previous block's MLP branch
     with its drop path, each norm2 the attention branch with its own; the same as the block loop (same draws)."""
-    vit = _tiny_vit(drop_path_rate=drop_path).train()
-    x = torch.randn(5, 65, 64, requires_grad=True)
-    policy = (torch.rand(5, 65) < 0.6).float().requires_grad_()
-    params = [x, policy] + list(vit.blocks.parameters())
-
-    def block_loop():
-        torch.manual_seed(7)
-        y = x
-        for block in vit.blocks:
-            y = policy_block_forward(block, y, policy, 1e-6)
-        return [y]
-
-    (want,), want_g = _grads(block_loop, params)
+    _, want, want_g, carried = _segment(drop_path, 5)
     _through_op(monkeypatch, "reference", [])
-    torch.manual_seed(7)
-    (got,), got_g = _grads(lambda: [policy_blocks_forward(vit.blocks, x, policy, 1e-6)], params)
+    (got,), got_g = carried()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -188,39 +182,27 @@ def test_gpu_training_forward_uses_the_fused_ops(monkeypatch):
     torch.testing.assert_close(gpu.float().cpu(), cpu, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
-                                                                                pytest.mark.triton_interpret])])
-def test_teacher_features_through_the_op(backend, monkeypatch):
-    """The dense teacher's forward with the fused norms (the last residual add into the final norm) gives timm's
-    forward_features."""
-    from spvit_kernels.training import teacher_outputs
-
-    torch.manual_seed(0)
-    teacher = _tiny_vit().eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        want = teacher_outputs(teacher, images)
-        calls, mlp_calls = [], []
-        _through_op(monkeypatch, backend, calls, mlp_calls)
-        got = teacher_outputs(teacher, images)
-    assert len(calls) >= 2 * len(teacher.blocks) + 1 and len(mlp_calls) == len(teacher.blocks)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
-                                                                                pytest.mark.triton_interpret])])
-def test_lvvit_teacher_through_the_op(backend, monkeypatch):
-    """An LVViT teacher (timm Blocks whose branches are divided by skip_lam) through the fused norms and MLPs: the
-    same logits and tokens as its blocks and norm run one by one."""
+def _lvvit_teacher():
     from spvit_kernels.models.lvvit import LVViT
-    from spvit_kernels.training import teacher_outputs
 
-    torch.manual_seed(0)
     teacher = LVViT(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=3, num_heads=2).eval()
     with torch.no_grad():
         for p in teacher.parameters():  # off the (1, 0) LayerNorm init and the zero biases
             p.add_(0.1 * torch.randn_like(p))
+    return teacher
+
+
+@pytest.mark.parametrize("family", ["vit", "lvvit"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+def test_teacher_features_through_the_op(backend, family, monkeypatch):
+    """The dense teacher's forward with the fused norms (the last residual add into the final norm) gives its
+    unfused forward (timm's forward_features; an LVViT's blocks, whose branches are divided by skip_lam, and norm
+    one by one)."""
+    from spvit_kernels.training import teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = _tiny_vit().eval() if family == "vit" else _lvvit_teacher()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = teacher_outputs(teacher, images)
