@@ -362,3 +362,22 @@ def test_opcheck_branch_scale():
     x, branch, weight, bias = _leaves((x, branch, weight, bias))
     scale = _drop_scale((2, 13, 24), BF16).contiguous()
     torch.library.opcheck(torch.ops.spvit.add_layer_norm_fwd.default, (x, branch, weight, bias, 1e-5, BF16, scale))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[requires_triton_interpret,
+                                                                                pytest.mark.triton_interpret])])
+def test_backward_without_dy(backend):
+    """Only the residual path's gradient (dy None): dx = dsum, dbranch = dsum (scaled per row with branch_scale),
+    no weight or bias gradient."""
+    from spvit_kernels.ops import _registry
+
+    bwd = _registry.resolve("add_layer_norm_backward", backend, torch.device("cpu")).fn
+    x, branch, weight, bias, _, dsum = _inputs((3, 9, 16), (F32, BF16, BF16), "weight_bias", seed=6)
+    s, _, mean, rstd = torch.ops.spvit.add_layer_norm_fwd(x, branch, weight, bias, 1e-5, BF16)
+    scale = _drop_scale((3, 9, 16), BF16).contiguous()
+    for sc in (None, scale):
+        dx, dbr, dw, db = bwd(None, dsum, s, weight, bias, mean, rstd, F32, BF16, sc)
+        assert torch.equal(dx, dsum)
+        want = dsum.to(BF16) if sc is None else (dsum.to(BF16).float() * sc[..., None]).to(BF16)
+        assert dbr.dtype == BF16 and torch.equal(dbr, want)
+        assert not dw.any() and not db.any() and dw.shape == db.shape == (16,)

@@ -34,7 +34,7 @@ def drop_path_scale(drop_path, branch):
     the caller applies the module itself)."""
     from timm.layers import DropPath
 
-    if drop_path is None or isinstance(drop_path, nn.Identity):
+    if isinstance(drop_path, nn.Identity):
         return None
     if type(drop_path) is not DropPath:
         return NotImplemented
@@ -51,9 +51,12 @@ def add_norm(norm, x, branch, drop_path=None):
     """-> (x + drop_path(branch) (x itself when branch is None), norm of that). x (..., C); branch None or x's
     shape; drop_path None or a module applied to branch (nn.Identity, timm's DropPath, any other module)."""
     backend = fused_backend(norm, x)
-    scale = drop_path_scale(drop_path, branch) if backend is not None and branch is not None else None
-    if scale is NotImplemented or (backend is None and branch is not None and drop_path is not None):
-        branch, scale = drop_path(branch), None
+    scale = None
+    if branch is not None and drop_path is not None:
+        # the op takes a timm DropPath as a per-row scale; anything else (and the PyTorch path) calls the module
+        scale = drop_path_scale(drop_path, branch) if backend is not None else NotImplemented
+        if scale is NotImplemented:
+            branch, scale = drop_path(branch), None
     if backend is None:
         if branch is not None:
             x = x + branch

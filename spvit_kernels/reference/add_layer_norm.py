@@ -30,8 +30,10 @@ def compute_dtype(*dtypes):
 
 
 def _scaled(t, branch_scale):
-    """t * branch_scale per row, rounded to t's dtype (float64 tensors: exact)."""
-    return (t.to(torch.float64) * branch_scale.to(torch.float64)[..., None]).to(t.dtype)
+    """t * branch_scale per row in the compute dtype (float32; float64 for float64 t), rounded to t's dtype: the
+    product PyTorch's 16-bit multiply and the Triton kernels form."""
+    acc = compute_dtype(t.dtype)
+    return (t.to(acc) * branch_scale.to(acc)[..., None]).to(t.dtype)
 
 
 def add_layer_norm_fwd_reference(x, branch, weight, bias, eps, out_dtype, branch_scale=None):

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.add_layer_norm import add_layer_norm_bwd_reference
+
 # Rows x channels held by one program; C above MAX_CHANNELS does not fit a tile (the op's check refuses it).
 TILE_ELEMENTS = 4096
 TILE_ELEMENTS_BWD = 2048
@@ -155,16 +157,9 @@ def add_layer_norm_bwd_triton(dy, dsum, s, weight, bias, mean, rstd, x_dtype, br
     rows = s.numel() // C
     dev = s.device
     empty = s.new_empty((0,))
-    if dy is None:  # only the residual path's gradient: dx = dsum, nothing reaches weight or bias
-        ds = dsum if dsum is not None else torch.zeros(s.shape, dtype=torch.float32, device=dev)
-        if branch_dtype is None:
-            dbr = empty
-        elif branch_scale is None:
-            dbr = ds.to(branch_dtype, copy=True)
-        else:
-            dbr = (ds.to(branch_dtype).float() * branch_scale.float()[..., None]).to(branch_dtype)
-        return (ds.to(x_dtype, copy=True), dbr, torch.zeros_like(weight) if weight is not None else empty,
-                torch.zeros_like(bias) if bias is not None else empty)
+    if dy is None:  # only the residual path's gradient: dx = dsum, nothing reaches weight or bias (no kernel)
+        return add_layer_norm_bwd_reference(dy, dsum, s, weight, bias, mean, rstd, x_dtype, branch_dtype,
+                                            branch_scale)
     dx = torch.empty(s.shape, dtype=x_dtype, device=dev)
     dbr = torch.empty(s.shape, dtype=branch_dtype, device=dev) if branch_dtype is not None else empty
     if rows == 0:
